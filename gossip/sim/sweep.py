@@ -25,7 +25,11 @@ TABLE_FIELDS = (
 
 
 def parse_sweep(items: list[str]) -> dict[str, list]:
-    """``["nodes=16,64", "averaging=dpsgd,allreduce"]`` -> ``{"nodes": [16, 64], ...}``."""
+    """``["nodes=16,64", "averaging=dpsgd,allreduce"]`` -> ``{"nodes": [16, 64], ...}``.
+
+    Values are split on ``;`` instead of ``,`` when the item has a ``;``, for values that hold
+    commas themselves: ``"feedback=choco:0.1;motef:0.1,0.5"``.
+    """
     types_ = _field_types(SimConfig)
     grid: dict[str, list] = {}
     for item in items:
@@ -35,7 +39,8 @@ def parse_sweep(items: list[str]) -> dict[str, list]:
             raise ConfigError(f"--sweep {item!r} must look like key=v1,v2")
         if key not in types_:
             raise ConfigError(f"--sweep key {key!r} is not a setting; valid: {sorted(types_)}")
-        grid[key] = [_coerce(key, v, types_[key]) for v in values.split(",")]
+        sep = ";" if ";" in values else ","
+        grid[key] = [_coerce(key, v.strip(), types_[key]) for v in values.split(sep) if v.strip()]
     return grid
 
 

@@ -172,6 +172,11 @@ def test_sweep_writes_one_table(tmp_path):
         parse_sweep(["node=4"])
 
 
+def test_sweep_values_with_commas_split_on_semicolons():
+    grid = parse_sweep(["feedback=choco:0.1;motef:0.1,0.5", "lr=0.1,0.2"])
+    assert grid == {"feedback": ["choco:0.1", "motef:0.1,0.5"], "lr": [0.1, 0.2]}
+
+
 def test_sweep_groups_seeds(tmp_path):
     grid = parse_sweep(["averaging=dpsgd,none", "seed=0,1"])
     sweep(
