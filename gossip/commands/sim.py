@@ -23,6 +23,7 @@ FLAGS = {
     "rounds": (int, "gossip rounds (default: the task's)"),
     "local_steps": (int, "local SGD steps between gossip rounds (default 1)"),
     "lr": (float, "learning rate (default: the task's)"),
+    "lr_schedule": (str, "constant | cosine (decays lr to 0 over the rounds)"),
     "momentum": (float, "local SGD momentum (default 0)"),
     "weight_decay": (float, "L2 weight decay (default 0)"),
     "batch_size": (int, "minibatch per node and step (default: the task's)"),

@@ -10,6 +10,7 @@ AVERAGING = ("dpsgd", "push_sum", "variance_corrected", "allreduce", "none")
 INITS = ("shared", "independent")
 PARTITIONS = ("iid", "dirichlet")
 VC_TARGETS = ("others", "follow_beta", "self")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(kw_only=True)
@@ -45,6 +46,7 @@ class SimConfig:
     rounds: int | None = None
     local_steps: int = 1
     lr: float | None = None
+    lr_schedule: str = "constant"
     momentum: float = 0.0
     weight_decay: float = 0.0
     batch_size: int | None = None
@@ -75,6 +77,10 @@ class SimConfig:
         need(self.rounds is None or self.rounds >= 1, f"rounds={self.rounds} must be >= 1")
         need(self.local_steps >= 1, f"local_steps={self.local_steps} must be >= 1")
         need(self.lr is None or self.lr > 0, f"lr={self.lr} must be > 0")
+        need(
+            self.lr_schedule in LR_SCHEDULES,
+            f"lr_schedule={self.lr_schedule!r}; valid: {LR_SCHEDULES}",
+        )
         need(0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
         need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         need(

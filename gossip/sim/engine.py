@@ -110,6 +110,13 @@ def consensus_distance(Z: torch.Tensor) -> float:
     return float((Z - Z.mean(0, keepdim=True)).square().sum(1).mean().sqrt())
 
 
+def lr_at(schedule: str, base: float, r: int, rounds: int) -> float:
+    """The learning rate of round ``r`` (0-based): constant, or cosine from ``base`` to 0."""
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * r / rounds))
+    return base
+
+
 def simulate(cfg: SimConfig, task: Task | None = None, progress: bool = True) -> SimResult:
     """Run one experiment; ``task`` overrides ``cfg.task`` (a user's own model and data)."""
     t_start = time.perf_counter()
@@ -118,7 +125,7 @@ def simulate(cfg: SimConfig, task: Task | None = None, progress: bool = True) ->
     device = torch.device(cfg.device)
     task = task or get_task(cfg.task, **(cfg.task_options or {}))
     rounds = cfg.rounds or task.rounds
-    lr = cfg.lr or task.lr
+    lr = base_lr = cfg.lr or task.lr
     batch = cfg.batch_size or task.batch_size
     N = cfg.nodes
 
@@ -163,6 +170,7 @@ def simulate(cfg: SimConfig, task: Task | None = None, progress: bool = True) ->
     t_loop = time.perf_counter()
     bar = tqdm(range(1, rounds + 1), desc=f"sim {task.name}", disable=not progress, unit="round")
     for r in bar:
+        lr = lr_at(cfg.lr_schedule, base_lr, r - 1, rounds)
         if rule.owns_update:
             Z, train_loss, sent = rule.update(r - 1, Z, minibatch_grad, lr)
         else:
@@ -200,7 +208,7 @@ def simulate(cfg: SimConfig, task: Task | None = None, progress: bool = True) ->
         history.append(row)
         if not math.isfinite(row["train_loss"]):
             raise ConfigError(
-                f"training diverged at round {r} (train loss {row['train_loss']}); lower lr={lr}"
+                f"training diverged at round {r} (train loss {row['train_loss']}); lower lr={base_lr}"
             )
 
     last = history[-1]
@@ -225,7 +233,7 @@ def simulate(cfg: SimConfig, task: Task | None = None, progress: bool = True) ->
             "period": schedule.period,
             "directed": schedule.directed,
         },
-        "config": {**to_dict(cfg), "rounds": rounds, "lr": lr, "batch_size": batch},
+        "config": {**to_dict(cfg), "rounds": rounds, "lr": base_lr, "batch_size": batch},
     }
     return SimResult(summary=summary, history=history, models=Z)
 

@@ -228,3 +228,14 @@ def test_feedback_settings_are_checked():
         quick(compress="topk:0.01", feedback="ef14")
     with pytest.raises(ConfigError, match="local_steps=2 must be 1"):
         quick(compress="topk:0.01", feedback="motef:0.3,0.9", local_steps=2)
+
+
+def test_cosine_schedule_decays_to_zero_and_bad_schedule_is_named():
+    from gossip.sim.engine import lr_at
+
+    assert lr_at("constant", 0.3, 7, 10) == 0.3
+    assert lr_at("cosine", 0.3, 0, 10) == pytest.approx(0.3)
+    assert lr_at("cosine", 0.3, 5, 10) == pytest.approx(0.15)
+    assert lr_at("cosine", 0.3, 9, 10) < 0.01
+    with pytest.raises(ConfigError, match="lr_schedule='linear'; valid"):
+        SimConfig(lr_schedule="linear")
