@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import itertools
 import json
@@ -98,8 +99,10 @@ def _fmt(v) -> str:
 def write_table(rows: list[dict], keys: list[str], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     cols = keys + list(TABLE_FIELDS)
-    lines = [",".join(cols)] + [",".join(_fmt(r.get(c)) for c in cols) for r in rows]
-    (out / "comparison.csv").write_text("\n".join(lines) + "\n")
+    with open(out / "comparison.csv", "w", newline="") as f:  # quotes values holding commas
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(cols)
+        writer.writerows([_fmt(r.get(c)) for c in cols] for r in rows)
     md = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
     (out / "comparison.md").write_text("\n".join(md) + "\n")

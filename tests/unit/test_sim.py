@@ -177,6 +177,19 @@ def test_sweep_values_with_commas_split_on_semicolons():
     assert grid == {"feedback": ["choco:0.1", "motef:0.1,0.5"], "lr": [0.1, 0.2]}
 
 
+def test_sweep_csv_quotes_values_with_commas(tmp_path):
+    import csv
+
+    from gossip.sim.sweep import write_table
+
+    rows = [{"feedback": "motef:0.1,0.5", "accuracy_mean": 0.5}]
+    write_table(rows, ["feedback"], tmp_path)
+    with open(tmp_path / "comparison.csv", newline="") as f:
+        header, row = list(csv.reader(f))
+    assert row[header.index("feedback")] == "motef:0.1,0.5"
+    assert row[header.index("accuracy_mean")] == "0.5"
+
+
 def test_sweep_groups_seeds(tmp_path):
     grid = parse_sweep(["averaging=dpsgd,none", "seed=0,1"])
     sweep(
