@@ -29,7 +29,25 @@ class DecodeError(GossipError, ValueError):
 
 
 class WireError(GossipError, ValueError):
-    """A message failed validation (header, dtype, shape, size, checksum, sender, round)."""
+    """A message failed validation (header, dtype, shape, size, checksum, sender, round).
+
+    ``reason`` is a short label from the bounded set in
+    :data:`gossip.transport.api.REJECT_REASONS` (``"checksum"``, ``"bad_payload"``, ...): the
+    transports count a dropped message under it. Example:
+    ``raise WireError("frame 0 failed its checksum", reason="checksum")``.
+    """
+
+    def __init__(self, message: str = "", *, reason: str = "bad_header"):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        # keep the reason across pickling (the default rebuilds from args alone)
+        return (_wire_error, (self.args, self.reason))
+
+
+def _wire_error(args: tuple, reason: str) -> WireError:
+    return WireError(*args, reason=reason)
 
 
 class TransportError(GossipError, ConnectionError):
