@@ -7,7 +7,7 @@ rank 0 from the send to the ack. Rounds of the reference and of the transport al
 
 * ``zmq``: :class:`~gossip.transport.zmq.ZmqTransport` (ROUTER/DEALER, wire header, receive
   into libzmq's buffer) against raw pyzmq PAIR sockets with ``copy=False`` on both sides.
-  Measured without and with the per-frame CRC-32.
+  Measured without and with the per-frame CRC-32C.
 * ``gloo``: :class:`~gossip.transport.torchdist.TorchDistTransport` against raw
   ``isend``/``irecv`` into a preallocated tensor on the same process group.
 

@@ -2,19 +2,24 @@
 
 A message is a list of frames. Frame 0 is a msgpack map::
 
-    {"v": 1, "run": str, "sender": int, "round": int, ...caller fields...,
-     "frames": [[dtype, shape, nbytes, crc32 or None], ...]}
+    {"v": 2, "run": str, "sender": int, "round": int, ...caller fields...,
+     "frames": [[dtype, shape, nbytes, crc32c or None], ...]}
 
 and frames 1.. are the raw bytes of each tensor (C order, native little-endian). ``decode``
 validates everything before it allocates or copies anything: the header's size, msgpack limits
 (string/bin/array/map lengths, no extension types, string map keys only), required keys and
 types, the version, each dtype against an allow-list, ``prod(shape) * itemsize == nbytes ==
-len(frame)``, the total size, and the CRC-32 of every frame. A violation raises
+len(frame)``, the total size, and the CRC-32C of every frame. A violation raises
 :class:`~gossip.errors.WireError` with a short ``reason`` label for metrics:
 
 ``truncated`` (fewer frames or bytes than declared), ``oversize`` (a bound exceeded),
 ``bad_header`` (not msgpack, wrong keys or types, extra frames), ``version``, ``bad_dtype``,
 ``size_mismatch`` (shape, byte length or frame length disagree), ``checksum``.
+
+The checksum is CRC-32C (Castagnoli, as in iSCSI and ext4) from the ``crc32c`` package, which
+uses the CPU's CRC instruction where there is one (SSE4.2, ARMv8): several GB/s, against ~1 GB/s
+for zlib's CRC-32, so checking every frame no longer halves a fast link. Version 1 of the format
+carried zlib's CRC-32 in the same slot; a version-1 message is rejected as ``version``.
 
 Decoded tensors are views over the received buffers (``torch.frombuffer``): no copies, no
 pickle. Treat them as read-only; copy what you keep past the buffer's lifetime.
@@ -29,17 +34,18 @@ from __future__ import annotations
 
 import math
 import warnings
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import crc32c
 import msgpack
 import torch
 
 from ..errors import WireError
 
-VERSION = 1
+#: Format version; 2 = CRC-32C frame checksums (1 had zlib CRC-32).
+VERSION = 2
 
 #: dtypes a frame may carry (name on the wire -> torch dtype).
 WIRE_DTYPES = {
@@ -75,7 +81,7 @@ class WireLimits:
     ``max_header_bytes`` bounds frame 0; ``max_total_bytes`` the sum of the tensor frames;
     ``max_frames``/``max_ndim`` the frame list and each shape; ``max_str_len``, ``max_array_len``
     and ``max_map_len`` are passed to msgpack. ``require_checksum`` rejects frames sent without a
-    CRC. Example: ``WireLimits(max_total_bytes=2 * model_bytes)``.
+    CRC-32C. Example: ``WireLimits(max_total_bytes=2 * model_bytes)``.
     """
 
     max_header_bytes: int = 64 * 1024
@@ -92,9 +98,15 @@ DEFAULT_LIMITS = WireLimits()
 
 
 def _error(reason: str, message: str) -> WireError:
-    err = WireError(f"{message} [{reason}]")
-    err.reason = reason
-    return err
+    return WireError(f"{message} [{reason}]", reason=reason)
+
+
+def frame_checksum(buf) -> int:
+    """The CRC-32C (Castagnoli) of a bytes-like frame, as a uint32: the descriptor's checksum.
+
+    Example: ``frame_checksum(b"123456789") == 0xE3069283``.
+    """
+    return crc32c.crc32c(buf)
 
 
 def _byte_view(t: torch.Tensor) -> memoryview:
@@ -116,10 +128,11 @@ def encode(
     header: Mapping, frames: Sequence[torch.Tensor], *, checksum: bool = True
 ) -> list[bytes | memoryview]:
     """Encode ``header`` (needs ``run``: str, ``sender``: int, ``round``: int, plus any
-    msgpack-able fields) and ``frames`` into ``[header_bytes, frame_1, ...]``.
+        msgpack-able fields) and ``frames`` into ``[header_bytes, frame_1, ...]``.
 
-    Tensor frames are memoryviews over the tensors' own memory (CPU tensors are not copied;
-    keep them alive and unchanged until sent). ``checksum`` adds a CRC-32 per frame (~1.7 GB/s).
+        Tensor frames are memoryviews over the tensors' own memory (CPU tensors are not copied;
+        keep them alive and unchanged until sent). ``checksum`` adds a CRC-32C per frame
+    (:func:`frame_checksum`, hardware-accelerated: several GB/s).
     """
     for key in _RESERVED:
         if key in header:
@@ -131,7 +144,7 @@ def encode(
             raise _error("bad_dtype", f"dtype {t.dtype} cannot go on the wire")
         mv = _byte_view(t)
         views.append(mv)
-        crc = zlib.crc32(mv) if checksum else None
+        crc = frame_checksum(mv) if checksum else None
         descs.append([_WIRE_NAMES[t.dtype], list(t.shape), mv.nbytes, crc])
     head = msgpack.packb({"v": VERSION, **header, "frames": descs})
     return [head, *views]
@@ -212,8 +225,8 @@ def decode(
             raise _error("truncated", f"frame {i} has {got} B, header declares {nbytes} B")
         if got > nbytes:
             raise _error("size_mismatch", f"frame {i} has {got} B, header declares {nbytes} B")
-        if crc is not None and zlib.crc32(buf) != crc:
-            raise _error("checksum", f"frame {i} failed its CRC-32 check")
+        if crc is not None and frame_checksum(buf) != crc:
+            raise _error("checksum", f"frame {i} failed its CRC-32C check")
         tensors.append(_view(buf, dtype, shape, nbytes))
     del header["frames"], header["v"]
     return header, tensors
@@ -229,7 +242,7 @@ def _bytes_view(i: int, raw) -> memoryview:
 
 def _check_desc(i: int, desc, limits: WireLimits):
     if not (isinstance(desc, list) and len(desc) == 4):
-        raise _error("bad_header", f"frame {i} descriptor must be [dtype, shape, nbytes, crc]")
+        raise _error("bad_header", f"frame {i} descriptor must be [dtype, shape, nbytes, crc32c]")
     name, shape, nbytes, crc = desc
     if name not in WIRE_DTYPES:
         raise _error("bad_dtype", f"frame {i} dtype {name!r} is not in the allow-list")
@@ -243,7 +256,7 @@ def _check_desc(i: int, desc, limits: WireLimits):
         if limits.require_checksum:
             raise _error("checksum", f"frame {i} has no checksum and limits require one")
     elif not _is_int(crc) or not 0 <= crc < 2**32:
-        raise _error("bad_header", f"frame {i} crc {crc!r} must be a uint32")
+        raise _error("bad_header", f"frame {i} crc32c {crc!r} must be a uint32")
     dtype = WIRE_DTYPES[name]
     itemsize = torch.empty((), dtype=dtype).element_size()
     if math.prod(shape) * itemsize != nbytes:

@@ -35,7 +35,7 @@ once, after the ``MAXMSGSIZE`` check, and the decoded tensors are views of those
 frame not aligned to its item size, which happens only to small frames, is copied). The caller's
 header travels under the wire key ``"h"``. Validation order on receive, all before any tensor is
 built: routing id is a known sender -> header decodes within :class:`WireLimits` (dtype
-allow-list, ``shape x itemsize == nbytes == frame length``, total size, CRC-32) -> header
+allow-list, ``shape x itemsize == nbytes == frame length``, total size, CRC-32C) -> header
 ``run`` equals ours and ``sender`` equals the connection's rank -> round inside the window and
 not seen before.
 
@@ -89,7 +89,7 @@ class ZmqTransport(Transport):
         run_id: messages whose header carries another run id are rejected (``"run_id"``).
         limits: :class:`~gossip.transport.wire.WireLimits` for incoming messages; the largest
             frame (``MAXMSGSIZE``) is ``limits.max_total_bytes``.
-        checksum: send a CRC-32 per frame (default True). With ``checksum=False`` pass
+        checksum: send a CRC-32C per frame (default True). With ``checksum=False`` pass
             ``limits`` with ``require_checksum=False`` on the receivers too.
         sndhwm, rcvhwm: high-water marks in messages per neighbour (default 4 and 16).
         send_timeout_s: how long a send may wait for a connection or queue space before the

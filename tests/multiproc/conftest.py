@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,8 +197,10 @@ class ZmqAttacker:
     def __init__(self, address: str, rank: int, run_id: str = "", identity: bytes | None = None):
         import zmq
 
+        from gossip.transport.wire import VERSION, frame_checksum
         from gossip.transport.zmq import routing_id
 
+        self.version, self.checksum = VERSION, frame_checksum
         self.zmq = zmq
         self.rank = rank
         self.run_id = run_id
@@ -210,7 +211,7 @@ class ZmqAttacker:
         self.sock.connect(address)
 
     def header(self, round: int, frames: list, **over) -> bytes:
-        h = {"v": 1, "run": self.run_id, "sender": self.rank, "round": round, "h": {}}
+        h = {"v": self.version, "run": self.run_id, "sender": self.rank, "round": round, "h": {}}
         h["frames"] = frames
         h.update(over)
         return msgpack.packb(h)
@@ -219,16 +220,16 @@ class ZmqAttacker:
         self.sock.send_multipart(parts, copy=True)
 
     def send_good(self, round: int, payload: bytes = b"\x00" * 16) -> None:
-        desc = [["float32", [len(payload) // 4], len(payload), zlib.crc32(payload)]]
+        desc = [["float32", [len(payload) // 4], len(payload), self.checksum(payload)]]
         self.send([self.header(round, desc), payload])
 
     def send_case(self, case: str, round: int) -> None:
         """Send the bad message named ``case`` (a key of :attr:`CASES`) for ``round``."""
         p = b"\x01" * 16
-        crc = zlib.crc32(p)
+        crc = self.checksum(p)
         good = [["float32", [4], 16, crc]]
         if case == "malformed_header":
-            self.send([msgpack.packb({"v": 1, "run": self.run_id, "frames": good}), p])
+            self.send([msgpack.packb({"v": self.version, "run": self.run_id, "frames": good}), p])
         elif case == "not_msgpack":
             self.send([b"\xc1\xc1\xc1 definitely not msgpack", p])
         elif case == "wrong_version":

@@ -1,6 +1,6 @@
 """The wire format: zero-copy round trips, exact sizes, and every rejection reason."""
 
-import zlib
+import pickle
 
 import msgpack
 import pytest
@@ -17,6 +17,7 @@ from gossip.transport.wire import (
     encode,
     encode_payload,
     encoded_bytes,
+    frame_checksum,
 )
 
 META = {"run": "run-1", "sender": 2, "round": 5}
@@ -150,7 +151,7 @@ def test_bad_headers():
 def test_version_dtype_size_and_checksum():
     frames = _frames(torch.randn(4))
     _reject(_with_header(frames, v=VERSION + 1), "version", f"wire version {VERSION + 1}")
-    crc = zlib.crc32(frames[1])
+    crc = frame_checksum(frames[1])
     for name in ("complex64", "object", "bool"):
         bad = _with_header(frames, frames=[[name, [4], 16, crc]])
         _reject(bad, "bad_dtype", f"dtype '{name}' is not in the allow-list")
@@ -159,10 +160,40 @@ def test_version_dtype_size_and_checksum():
     _reject([frames[0], frames[1] + b"\0"], "size_mismatch", "frame 0 has 17 B")
     flipped = bytearray(frames[1])
     flipped[3] ^= 1
-    _reject([frames[0], bytes(flipped)], "checksum", "failed its CRC-32")
+    _reject([frames[0], bytes(flipped)], "checksum", "failed its CRC-32C check")
     unchecked = [bytes(f) for f in encode(META, [torch.randn(4)], checksum=False)]
     _reject(unchecked, "checksum", "no checksum")
     assert decode(unchecked, limits=WireLimits(require_checksum=False))[1][0].shape == (4,)
+
+
+def test_checksum_is_crc32c_and_any_corrupted_frame_is_rejected():
+    assert frame_checksum(b"123456789") == 0xE3069283  # the CRC-32C check value
+    a, b = torch.randn(1000), torch.randn(300_000)
+    frames = _frames(a, b)
+    assert [d[3] for d in _header(frames)["frames"]] == [frame_checksum(f) for f in frames[1:]]
+    nbytes = len(frames[2])
+    for pos, bit in ((0, 0), (nbytes // 2, 5), (nbytes - 1, 7)):  # first, middle, last byte
+        bad = bytearray(frames[2])
+        bad[pos] ^= 1 << bit
+        _reject([*frames[:2], bytes(bad)], "checksum", "frame 1 failed its CRC-32C check")
+    # a frame swapped for another of the same size: every size check passes, the checksum fails
+    _reject([frames[0], bytes(frames[2][:4000]), frames[2]], "checksum", "frame 0 failed")
+    header, (x, y) = decode(frames)
+    assert torch.equal(x, a) and torch.equal(y, b)
+
+
+def test_version_1_messages_are_refused_by_version():
+    frames = _frames(torch.randn(4))
+    old = [msgpack.packb({**_header(frames), "v": 1}), frames[1]]
+    _reject(old, "version", f"wire version 1, this build reads {VERSION}")
+
+
+def test_wire_error_carries_its_reason():
+    err = WireError("frame 0 failed", reason="checksum")
+    assert err.reason == "checksum" and str(err) == "frame 0 failed"
+    assert WireError("no reason given").reason == "bad_header"
+    again = pickle.loads(pickle.dumps(err))
+    assert isinstance(again, WireError) and again.reason == "checksum" and again.args == err.args
 
 
 def test_encode_refuses_what_decode_would_reject():
