@@ -4,7 +4,8 @@ Every node owns a :class:`NodeMetrics` with a private ``CollectorRegistry`` and 
 own port (``base + rank`` by default), so several nodes in one machine, or one test process
 holding many nodes, never mix their series. Names follow Prometheus practice: one ``gossip_``
 prefix, base units (seconds, bytes), ``_total`` on counters, and labels limited to ``peer`` (at
-most the node's degree) and ``reason`` (a fixed set named by the transport).
+most the node's degree) and ``reason`` (the fixed set
+:data:`gossip.transport.api.REJECT_REASONS`).
 
 What the node measures itself (rounds, steps, round duration, loss, consensus distance,
 stragglers, peer liveness) is pushed here as it happens; what the transport counts (bytes per

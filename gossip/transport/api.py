@@ -47,8 +47,10 @@ from ..errors import ConfigError, DeadlineError, TransportError
 
 log = logging.getLogger("gossip.transport")
 
-#: Reasons a received message can be rejected. The first group is decided by the base class,
-#: the second by the wire decoder (:mod:`gossip.transport.wire`), the third by a backend.
+#: Reasons a received message can be rejected: the ``reason`` label of the rejection counters.
+#: The first group is decided by the base class, then ``run_id`` by a backend, then the wire
+#: decoder's (:mod:`gossip.transport.wire`); ``bad_payload`` is a compressed payload whose
+#: contents fail its codec's check (``Compressor.check``: e.g. top-k indices out of order).
 REJECT_REASONS = (
     "unknown_sender",
     "stale",
@@ -62,6 +64,7 @@ REJECT_REASONS = (
     "checksum",
     "truncated",
     "oversize",
+    "bad_payload",
 )
 
 #: Peer label used in stats and logs when the sender of a bad message cannot be determined.

@@ -436,7 +436,7 @@ class TorchDistTransport(Transport):
                 limits=self.limits,
             )
         except WireError as exc:
-            self._reject(src, getattr(exc, "reason", "bad_header"), str(exc), nbytes)
+            self._reject(src, exc.reason, str(exc), nbytes)
             return
         user = header.get("h", {})
         if header["run"] != self.run_id:

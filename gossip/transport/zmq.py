@@ -308,7 +308,7 @@ class ZmqTransport(Transport):
         try:
             header, tensors = decode(frames, limits=self.limits)
         except WireError as exc:
-            self._reject(peer, getattr(exc, "reason", "bad_header"), str(exc), nbytes)
+            self._reject(peer, exc.reason, str(exc), nbytes)
             return
         user = header.get("h", {})
         if header["run"] != self.run_id:

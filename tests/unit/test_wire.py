@@ -1,13 +1,17 @@
 """The wire format: zero-copy round trips, exact sizes, and every rejection reason."""
 
 import pickle
+import re
+from pathlib import Path
 
 import msgpack
 import pytest
 import torch
 
+import gossip
 from gossip.algorithms.compression import make_compressor
 from gossip.errors import WireError
+from gossip.transport.api import REJECT_REASONS
 from gossip.transport.wire import (
     REASONS,
     VERSION,
@@ -213,3 +217,18 @@ def test_encode_refuses_what_decode_would_reject():
     with pytest.raises(WireError, match="needs a 'codec' map") as e:
         decode_payload([msgpack.packb(h), *frames[1:]])
     assert e.value.reason == "bad_header"
+
+
+def test_every_reject_reason_in_the_package_is_a_known_label():
+    """``reason`` is a bounded metrics label: every literal reason a module passes to a
+    WireError, a transport's ``_reject`` or ``NodeMetrics.reject`` is in REJECT_REASONS."""
+    assert set(REASONS) <= set(REJECT_REASONS)
+    call = r'\b(?:wire_error|_error|_reject|reject)\([^"()]*"([a-z_]+)"'
+    assign = r'\breason\s*=\s*"([a-z_]+)"'
+    found = {}
+    for path in Path(gossip.__file__).parent.rglob("*.py"):
+        for m in re.finditer(f"{call}|{assign}", path.read_text()):
+            found.setdefault(m.group(1) or m.group(2), path.name)
+    assert {"checksum", "bad_payload", "unknown_sender"} <= set(found)  # the scan sees them
+    unknown = {r: f for r, f in found.items() if r not in REJECT_REASONS}
+    assert not unknown, f"reasons missing from REJECT_REASONS (reason: file): {unknown}"
