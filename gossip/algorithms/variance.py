@@ -15,6 +15,10 @@ Only slots of role ``"weight"`` are rescaled (and ``"bias"`` with ``correct_bias
 ``"scalar"`` slots are averaged but never rescaled; ``"buffer"`` slots (BatchNorm statistics)
 keep the node's own values. A slot whose variance is 0 is skipped.
 
+One averaging event costs two passes over memory: :func:`gossip.ops.weighted_sum_stats_` merges
+and takes every per-tensor statistic the targets need in the same pass, then
+:func:`gossip.ops.segment_rescale_` rescales in place.
+
 Example (one node, after its receive buffer filled up)::
 
     buf = AveragingBuffer(threshold=degree)
@@ -32,7 +36,7 @@ import torch
 
 from ..errors import AlgorithmError
 from ..layout import ParamLayout
-from ..ops import segment_rescale_, segment_stats, weighted_sum_
+from ..ops import segment_rescale_, segment_stats, weighted_sum_stats_
 from .averaging import _buffer_mask, _check_square, _matmul, _sparse_csr, as_torch_matrix, mix
 
 #: The variance targets: tau = mean received variance, the beta-weighted mix, or the own one.
@@ -125,6 +129,11 @@ def rescale_to_variance_(
     _check_numbers(eps, s_max)
     layout.check(M, "M")
     mean, var = segment_stats(M, layout)
+    return _rescale_with_stats_(M, layout, mean, var, tau, correct_bias, eps, s_max)
+
+
+def _rescale_with_stats_(M, layout, mean, var, tau, correct_bias, eps, s_max) -> torch.Tensor:
+    """:func:`rescale_to_variance_` given ``M``'s per-tensor ``mean`` and ``var`` (float64)."""
     tau = torch.as_tensor(tau, dtype=torch.float64, device=M.device)
     try:
         tau = tau.expand_as(var)
@@ -176,21 +185,23 @@ def variance_corrected_average(
     if len(received) == 0:
         raise AlgorithmError("received is empty; an averaging event needs at least one model")
     m = len(received)
-    M = x_self.clone()
-    weighted_sum_(M, list(received), [(1.0 - beta) / m] * m, self_weight=float(beta))
+    M = torch.empty_like(x_self)
+    # one pass: M = beta x_self + sum_k (1 - beta)/m x_k, and the per-tensor mean and variance of
+    # M, of x_self and of every received model (x_self as input 0 instead of a self weight
+    # spares a copy; the arithmetic, and so the result, is the same)
+    st = weighted_sum_stats_(M, [x_self, *received], [float(beta)] + [(1.0 - beta) / m] * m, layout)
     mask = _buffer_mask(layout, M.device)
     if mask is not None:
+        # buffer slots are never rescaled, so M's statistics of them are never used
         M[mask] = x_self[mask]
-    self_var = segment_stats(x_self, layout)[1] if target != "others" else None
+    self_var, received_var = st.input_var[0], st.input_var[1:]
     if target == "self":
         tau = self_var
     else:
-        received_var = [segment_stats(r, layout)[1] for r in received]
         # "others" is normalised, so 1/m each gives the spec's plain mean even when beta = 1
         w = [1.0 / m] * m if target == "others" else [(1.0 - beta) / m] * m
-        base = self_var if self_var is not None else received_var[0]
-        tau = variance_targets(base, received_var, w, target)
-    return rescale_to_variance_(M, layout, tau, correct_bias=correct_bias, eps=eps, s_max=s_max)
+        tau = variance_targets(self_var, received_var, w, target)
+    return _rescale_with_stats_(M, layout, st.mean, st.var, tau, correct_bias, eps, s_max)
 
 
 def _off_diagonal(Wt: torch.Tensor) -> torch.Tensor:

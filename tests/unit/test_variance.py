@@ -12,12 +12,14 @@ from gossip.algorithms import (
     TARGETS,
     AveragingBuffer,
     rescale_to_variance_,
+    variance,
     variance_corrected_average,
     variance_corrected_mix,
     variance_targets,
 )
 from gossip.errors import AlgorithmError
 from gossip.layout import ParamLayout
+from gossip.ops import merge
 
 LAYOUT = ParamLayout.from_shapes(
     {
@@ -152,6 +154,60 @@ def test_scale_equivariance(c):
     out = variance_corrected_average(X[0], list(X[1:]), LAYOUT, correct_bias=True)
     scaled = variance_corrected_average(c * X[0], list(c * X[1:]), LAYOUT, correct_bias=True)
     torch.testing.assert_close(scaled, c * out, rtol=1e-12, atol=1e-14)
+
+
+# -- the fused path: one merge-and-statistics pass, one rescale pass ---------------------------
+def unfused_average(x_self, received, layout, *, beta, target, **options):
+    """The averaging event as separate passes (the implementation before the fused op): copy
+    x_self, merge, restore buffers, statistics of x_self and of each received model, then
+    statistics of the merge and the rescale. Run it with the reference backend."""
+    m = len(received)
+    M = x_self.clone()
+    merge.weighted_sum_(M, received, [(1 - beta) / m] * m, self_weight=beta)
+    mask = layout.element_mask("buffer")
+    M[mask] = x_self[mask]
+    self_var = merge.segment_stats(x_self, layout)[1]
+    received_var = [merge.segment_stats(r, layout)[1] for r in received]
+    w = [1 / m] * m if target == "others" else [(1 - beta) / m] * m
+    tau = self_var if target == "self" else variance_targets(self_var, received_var, w, target)
+    return rescale_to_variance_(M, layout, tau, **options)  # its own statistics pass of M
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_fused_path_equals_the_unfused_reference(backend, target, beta, monkeypatch):
+    X = models(5, seed=12)
+    options = dict(correct_bias=True, eps=1e-6, s_max=4.0)
+    monkeypatch.setenv("GOSSIP_MERGE_BACKEND", "reference")
+    want = unfused_average(X[0], list(X[1:]), LAYOUT, beta=beta, target=target, **options)
+    monkeypatch.setenv("GOSSIP_MERGE_BACKEND", backend)
+    got = variance_corrected_average(X[0], list(X[1:]), LAYOUT, beta=beta, target=target, **options)
+    if backend == "reference":
+        assert torch.equal(got, want)  # the same operations in the same order
+    else:  # native kernels (when built) match the reference's float64 statistics to ~1e-12
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_correction_is_one_fused_merge_and_one_rescale(monkeypatch):
+    calls = []
+
+    def counted(name):
+        real = getattr(variance, name)
+
+        def op(*args, **kwargs):
+            calls.append(name)
+            return real(*args, **kwargs)
+
+        return op
+
+    for name in ("weighted_sum_stats_", "segment_stats", "segment_rescale_"):
+        monkeypatch.setattr(variance, name, counted(name))
+    X = models(4, seed=13)
+    for target in TARGETS:
+        calls.clear()
+        variance_corrected_average(X[0], list(X[1:]), LAYOUT, target=target)
+        assert calls == ["weighted_sum_stats_", "segment_rescale_"], (target, calls)
 
 
 # -- §1(d) 6: exclusions and the receive buffer --------------------------------------------------
