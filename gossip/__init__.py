@@ -22,6 +22,8 @@ _PUBLIC = {
     "SimConfig": "gossip.sim",
     "simulate": "gossip.sim",
     "Task": "gossip.tasks",
+    "Node": "gossip.runtime",
+    "CodedGroup": "gossip.runtime",
 }
 
 __all__ = sorted(_PUBLIC) + ["__version__"]

@@ -1,5 +1,6 @@
 """The runtime: one node process's loop (local steps, gossip rounds with deadlines, liveness,
-checkpoints, metrics) and its rendezvous.
+checkpoints, metrics), its rendezvous, and coded worker groups (the exact gradient from the first
+``n - s`` workers to answer; :mod:`gossip.runtime.group`).
 
 Names are imported lazily, so ``import gossip.runtime.stragglers`` stays light.
 
@@ -25,6 +26,13 @@ _PUBLIC = {
     "world_from_env": "gossip.runtime.rendezvous",
     "read_peers_file": "gossip.runtime.rendezvous",
     "open_transport": "gossip.runtime.rendezvous",
+    "CodedGroup": "gossip.runtime.group",
+    "StepResult": "gossip.runtime.group",
+    "CodedSweep": "gossip.runtime.group",
+    "JobResult": "gossip.runtime.group",
+    "SweepRound": "gossip.runtime.group",
+    "Slowdown": "gossip.runtime.group",
+    "full_batch_gradient": "gossip.runtime.group",
 }
 
 __all__ = sorted(_PUBLIC)
