@@ -13,7 +13,8 @@ class GossipError(Exception):
 
 
 class ConfigError(GossipError, ValueError):
-    """A user-supplied setting is invalid (names the setting, shows the value, says what is valid)."""
+    """A user-supplied setting is invalid (names the setting, shows the value, says what is
+    valid)."""
 
 
 class TopologyError(GossipError, ValueError):
