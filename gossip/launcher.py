@@ -9,7 +9,9 @@ prefixes each output line with ``[rank r]``, and always cleans up: every child r
 process group, and :meth:`LocalCluster.close` kills what is left (SIGTERM, then SIGKILL).
 
 :func:`summarize` turns the nodes' ``node-<rank>.json`` files into one ``summary.json`` with the
-simulator's keys (``accuracy_mean``, ``consensus_distance``, ``bytes_sent_total``, ...).
+simulator's keys (``accuracy_mean``, ``consensus_distance``, ``bytes_sent_total``, ...). Bytes are
+what each node's transport counted on the wire (headers included, so compressed runs report
+their real compressed sizes); only the DDP baseline estimates them (``bytes_sent_estimated``).
 
 Example::
 
@@ -266,6 +268,8 @@ def summarize(
         "rounds_to_target": hits[0] if hits else None,
         "bytes_sent_total": bytes_total,
         "bytes_sent_per_node": bytes_total / len(ok),
+        "bytes_sent_estimated": any(results[r].get("bytes_sent_estimated") for r in ok),
+        "resyncs_total": _compressed_total(results, ok, "full_copies_sent"),
         "wall_seconds": wall_seconds,
         "seconds_per_round": sum(results[r]["seconds_per_round"] for r in ok) / len(ok),
         "seconds_per_step": sum(results[r]["seconds_per_step"] for r in ok) / len(ok),
@@ -283,6 +287,14 @@ def summarize(
 
         write_history(rows, Path(out, "history.csv"))
     return summary
+
+
+def _compressed_total(results: dict, ranks, key: str) -> int | None:
+    """Sum of a compressed-gossip counter over nodes (None for dense runs)."""
+    parts = [results[r].get("compressed") for r in ranks]
+    if not any(parts):
+        return None
+    return sum(int((p or {}).get(key, 0)) for p in parts)
 
 
 def _mean_history(histories: list[list[dict]]) -> list[dict]:

@@ -53,6 +53,8 @@ def child_args(args: argparse.Namespace, out: str) -> list[str]:
         value = getattr(args, name, None)
         if name in LAUNCHER_OWNED or name == "out" or value is None:
             continue
+        if args.baseline == "ddp" and name in ("compress", "feedback", "averaging"):
+            continue  # the reference is dense DDP
         flag = "--" + name.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
     for item in getattr(args, "task_option", []) or []:
@@ -111,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         "loss_mean",
         "consensus_distance",
         "rounds",
+        "bytes_sent_total",
         "bytes_sent_per_node",
         "seconds_per_step",
         "wall_seconds",

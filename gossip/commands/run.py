@@ -106,11 +106,10 @@ class RunConfig(SimConfig):
                 f"transport={self.transport!r}: add --transport gloo"
             )
         if self.compress != "none" or self.feedback != "none":
-            raise ConfigError(
-                f"compress={self.compress!r}, feedback={self.feedback!r}: compressed gossip runs "
-                "in the simulator only for now; node processes send full models (leave "
-                "--compress and --feedback at none)"
-            )
+            from ..runtime.compressed import check_compression, parse_compression
+
+            spec = parse_compression(self.compress, self.feedback)
+            check_compression(spec, mode=self.mode, averaging=self.averaging)
         if self.resume not in RESUME:
             raise ConfigError(f"resume={self.resume!r}; valid: {', '.join(RESUME)}")
         if self.resume != "no" and not self.checkpoint_dir:
@@ -262,7 +261,9 @@ def run_node(cfg: RunConfig, world) -> dict:
             averaging=cfg.averaging, local_steps=cfg.local_steps, mode=cfg.mode,
             round_deadline_s=cfg.round_deadline_s, startup_grace_s=cfg.startup_grace_s,
             max_staleness=cfg.max_staleness, down_after=cfg.down_after, weights=cfg.weights,
-            vc_target=cfg.vc_target, seed=cfg.seed, world=world, metrics=metrics,
+            vc_target=cfg.vc_target, compress=cfg.compress, feedback=cfg.feedback,
+            public_copy_init="model" if cfg.init == "shared" else "zeros",
+            seed=cfg.seed, world=world, metrics=metrics,
             peers=cfg.peers, bind=cfg.bind, run_id=cfg.run_id,
             timeout_s=cfg.rendezvous_timeout_s, peer_timeout_s=cfg.peer_timeout_s,
         )  # fmt: skip
@@ -323,10 +324,13 @@ def run_node(cfg: RunConfig, world) -> dict:
             "seconds_per_step": loop_s / max(1, node.steps - steps0),
             "wall_seconds": time.perf_counter() - t_start,
             "bytes_sent": sum(stats.bytes_sent.values()),
+            "messages_sent": sum(stats.messages_sent.values()),
+            "dense_message_bytes": node.layout.numel * node.flat.element_size(),
             "bytes_received": sum(stats.bytes_received.values()),
             "stragglers": {str(p): n for p, n in sorted(stragglers.items())},
             "down": sorted(node.liveness.down),
             "transport_stats": stats.as_dict(),
+            "compressed": node.compressed.summary() if node.compressed is not None else None,
             "metrics_port": port,
             "address": node.transport.address,
             "parameters": node.layout.numel,

@@ -52,12 +52,32 @@ def test_a_bare_resume_means_yes_and_needs_a_directory():
         (["--mode", "eventually"], "mode='eventually'; valid: sync, async"),
         (["--averaging", "allreduce"], "averaging='allreduce' .* add --transport gloo"),
         (["--resume", "maybe", "--checkpoint-dir", "c"], "resume='maybe'; valid: no, auto, yes"),
-        (["--compress", "topk:0.01"], "compressed gossip runs in the simulator only"),
+        (["--compress", "topk:0.01", "--mode", "async"], "mode='async' with compress='topk"),
+        (["--compress", "topk:0.01", "--feedback", "motef:0.1,0.9"], "simulator only"),
+        (["--feedback", "choco"], "feedback='choco' is not valid; use one of: none, choco:GAMMA"),
+        (["--compress", "top:3"], "compressor spec 'top:3'"),
+        (["--compress", "sign", "--averaging", "push_sum"], "averaging='push_sum' with compress"),
     ],
 )
 def test_bad_run_settings_are_explained(argv, match):
     with pytest.raises(ConfigError, match=match):
         run.config_from_args(parse(run, argv), environ={})
+
+
+def test_compress_and_feedback_come_from_flags_or_env_and_reach_the_nodes():
+    env = {"GOSSIP_COMPRESS": "topk:0.01", "GOSSIP_FEEDBACK": "choco:0.2"}
+    cfg = run.config_from_args(parse(run, []), environ=env)
+    assert (cfg.compress, cfg.feedback) == ("topk:0.01", "choco:0.2")
+    argv = ["--nodes", "4", "--compress", "quant:4", "--feedback", "choco-econtrol:0.3,0.05"]
+    cfg, _, child, _ = launch.launch_plan(parse(launch, [*argv, "--out", "o"]), environ={})
+    assert (cfg.compress, cfg.feedback) == ("quant:4", "choco-econtrol:0.3,0.05")
+    assert child[child.index("--compress") + 1] == "quant:4"
+    assert child[child.index("--feedback") + 1] == "choco-econtrol:0.3,0.05"
+    # the DDP baseline is the dense reference: it drops them
+    cfg, _, child, _ = launch.launch_plan(
+        parse(launch, [*argv, "--baseline", "ddp", "--out", "o"]), environ={}
+    )
+    assert "--compress" not in child and (cfg.averaging, cfg.compress) == ("allreduce", "none")
 
 
 def test_launch_passes_its_flags_to_every_node():
