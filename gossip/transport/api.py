@@ -49,8 +49,9 @@ log = logging.getLogger("gossip.transport")
 
 #: Reasons a received message can be rejected: the ``reason`` label of the rejection counters.
 #: The first group is decided by the base class, then ``run_id`` by a backend, then the wire
-#: decoder's (:mod:`gossip.transport.wire`); ``bad_payload`` is a compressed payload whose
-#: contents fail its codec's check (``Compressor.check``: e.g. top-k indices out of order).
+#: decoder's (:mod:`gossip.transport.wire`); last, a node's checks of a compressed payload:
+#: ``bad_codec`` (another compressor than the node's) and ``bad_payload`` (contents that fail
+#: the codec's ``Compressor.check``, e.g. top-k indices out of order).
 REJECT_REASONS = (
     "unknown_sender",
     "stale",
@@ -64,6 +65,7 @@ REJECT_REASONS = (
     "checksum",
     "truncated",
     "oversize",
+    "bad_codec",
     "bad_payload",
 )
 
