@@ -28,9 +28,10 @@ own, bit for bit; a message can miss its deadline or be lost. Each message from 
 Receiver i keeps, per neighbour j, the replica and its version ``v_j`` (None = invalid):
 
 - a full copy always replaces the replica (``v_j = base + 1``);
-- an increment with ``base == v_j`` is applied (``decompress_add_``, as j applied it); one with
-  ``base < v_j`` is an old duplicate and skipped; ``base > v_j`` is a gap (an increment was lost)
-  and invalidates the replica, as does a round-0 ``x0`` that differs from i's own;
+- an increment with ``base == v_j`` is applied (``decompress_add_``, as j applied it). Any other
+  ``base`` invalidates the replica: ``base > v_j`` is a gap (an increment was lost), ``base < v_j``
+  a sender that went back (it restarted from an older checkpoint). So does a round-0 ``x0``
+  that differs from i's own;
 - j's replica is mixed in round r+1 only if j's round-r update was applied in round r; otherwise
   its weight moves to i's own copy (``x_i += GAMMA sum_{j mixed} W_ij (x_hat_j - x_hat_i)``).
   Late increments (inside the transport's round window) are still applied in order, so a slow
@@ -347,11 +348,13 @@ class ChocoGossip(NaiveCompressedGossip):
         fresh, changed = set(), False
         for p in self.peers:
             msgs = self._late(p, r) + ([got[p]] if p in got else [])
+            ok = False
             for m in sorted(msgs, key=lambda m: m.round):
-                changed |= self._absorb(p, m)
+                ok, moved = self._absorb(p, m)
+                changed |= moved
                 self.last_round[p] = max(self.last_round[p], m.round)
-            m = got.get(p)
-            if m is not None and self.rv[p] is not None and self.rv[p] == _base(m) + 1:
+            # mixed next round only if this round's update of p was accepted and applied
+            if ok and p in got and self.rv[p] == _base(got[p]) + 1:
                 fresh.add(p)
         if changed or fresh != self.mixed_set:
             self.mixed_set = fresh
@@ -372,14 +375,15 @@ class ChocoGossip(NaiveCompressedGossip):
             out += t.recv_many([p], rr, 0.0).values()
         return out
 
-    def _absorb(self, p: int, m) -> bool:
-        """Apply one message of neighbour ``p`` to its replica; True when the replica changed
-        other than by an increment already added to ``mixed``."""
+    def _absorb(self, p: int, m) -> tuple[bool, bool]:
+        """Apply one message of neighbour ``p`` to its replica. Returns ``(valid, changed)``:
+        whether the message passed validation, and whether the replica changed other than by an
+        increment also added to ``mixed`` (then ``mixed`` is recomputed)."""
         h, base = m.header, _base(m)
         flags = (h.get("resync", False), h.get("full", False))
         if base is None or not all(isinstance(f, bool) for f in flags):
             self._reject("bad_header")
-            return False
+            return False, False
         resync, full = flags
         changed = False
         if full:
@@ -391,25 +395,25 @@ class ChocoGossip(NaiveCompressedGossip):
                 reason = "size_mismatch"
             if reason is not None:
                 self._reject(reason)
-                return False
+                return False, False
             self.replicas[p].copy_(t)
             self.rv[p], changed = base + 1, True
             self.stats["full_copies_received"] += 1
         else:
             payload = self._payload(m)
             if payload is None:
-                return False
+                return False, False
             v = self.rv[p]
             if v is not None and base == 0 and v == 0 and h.get("x0") != self.x0_crc:
                 log.warning("node %d: neighbour %d started from another model (x0 checksum); "
                             "asking for its public copy", self.node.rank, p)  # fmt: skip
                 self._invalidate(p)
                 v = None
-            if v is None or base < v:
-                pass  # waiting for a full copy, or an old duplicate
-            elif base > v:
-                log.info("node %d: missed an update of neighbour %d's public copy (version %d, "
-                         "got %d); asking for a resync", self.node.rank, p, v, base)  # fmt: skip
+            if v is None:
+                pass  # waiting for a full copy
+            elif base != v:  # lost an increment (base > v), or p went back (base < v)
+                log.info("node %d: neighbour %d's public copy is at version %d, ours at %d; "
+                         "asking for a resync", self.node.rank, p, base, v)  # fmt: skip
                 self._invalidate(p)
                 self.stats["gaps"] += 1
             else:
@@ -419,7 +423,7 @@ class ChocoGossip(NaiveCompressedGossip):
                 self.rv[p] = v + 1
         if resync and m.round > self.served[p]:
             self.owed.add(p)
-        return changed
+        return True, changed
 
     def _invalidate(self, p: int) -> None:
         """Stop trusting the replica of ``p`` until a full copy arrives (requested from now on)."""
