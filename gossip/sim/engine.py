@@ -208,7 +208,8 @@ def simulate(cfg: SimConfig, task: Task | None = None, progress: bool = True) ->
         history.append(row)
         if not math.isfinite(row["train_loss"]):
             raise ConfigError(
-                f"training diverged at round {r} (train loss {row['train_loss']}); lower lr={base_lr}"
+                f"training diverged at round {r} (train loss {row['train_loss']}); "
+                f"lower lr={base_lr}"
             )
 
     last = history[-1]
