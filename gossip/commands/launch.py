@@ -6,7 +6,9 @@ node's (``--transport zmq|gloo``, ``--mode``, ``--round-deadline-s``, ...), star
 logs with a ``[rank r]`` prefix, and writes ``summary.json`` (the simulator's keys) plus each
 node's ``node-<rank>.json`` into ``--out``. ``--baseline ddp`` runs the same model, data and
 steps as N-process DDP (gradient all-reduce over gloo) instead: the reference for
-``bench/bench_gossip_vs_ddp.py``.
+``bench/bench_gossip_vs_ddp.py`` (it drops ``--compress``/``--feedback``: the reference is dense).
+``bytes_sent_total``/``bytes_sent_per_node`` are the transports' own counts, so a compressed run
+(``--compress topk:0.01 --feedback choco:0.2``) reports the bytes it really sent.
 
 Example::
 

@@ -5,7 +5,10 @@ Settings come from defaults < ``--config FILE`` < ``GOSSIP_*`` env < flags; the 
 (``--task``, ``--topology``, ``--rounds``, ``--averaging``, ...) mean the same here. Rank and
 world size come from ``--rank``/``--nodes`` (``GOSSIP_RANK``/``GOSSIP_NODES``), else from
 torchrun's ``RANK``/``WORLD_SIZE``. ``--averaging allreduce`` runs the DDP baseline instead
-(gradient all-reduce every step over gloo).
+(gradient all-reduce every step over gloo). ``--compress``/``--feedback`` (``GOSSIP_COMPRESS``,
+``GOSSIP_FEEDBACK``) send compressed messages: naive compressed gossip, ``choco:GAMMA`` or
+``choco-econtrol:GAMMA,ETA`` (:mod:`gossip.runtime.compressed`); with ``--init shared`` the
+public copies start from the common first model.
 
 Writes into ``--out``: ``node-<rank>.json`` (final accuracy and loss, bytes, stragglers, dead
 peers, history), ``node-<rank>.prom`` (the last metrics scrape) and ``models/node-<rank>.pt``

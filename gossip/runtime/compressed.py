@@ -220,6 +220,7 @@ class NaiveCompressedGossip:
                 scale = 1.0 / (1.0 - hood.self_weight)
                 report.consensus_distance = float(torch.dist(x, before)) * scale
         node._update_liveness(r, got)
+        report.down = tuple(sorted(node.liveness.down))
         return report
 
     def summary(self) -> dict:

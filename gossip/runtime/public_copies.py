@@ -153,6 +153,7 @@ class ChocoGossip(NaiveCompressedGossip):
         report.wait_seconds, report.consensus_distance = wait, distance
         report.extra["stale"] = tuple(sorted(set(self.peers) - fresh))
         node._update_liveness(r, got)
+        report.down = tuple(sorted(node.liveness.down))
         return report
 
     def _late(self, p: int, r: int) -> list:

@@ -133,6 +133,8 @@ def test_runtime_matches_the_simulator_rule_on_a_ring(compress, feedback, init):
         sent = nodes[0].transport.stats
         assert sent.messages_sent[1] == rounds
         assert sent.bytes_sent[1] < rounds * D * 4 * (0.5 if compress != "quant:4" else 0.3)
+        scrape = nodes[0].metrics.exposition()
+        assert f'gossip_bytes_sent_total{{peer="1"}} {float(sent.bytes_sent[1])}' in scrape
     finally:
         close_all(nodes)
 
