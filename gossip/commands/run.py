@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ..config import load_file, resolve, to_dict
 from ..errors import ConfigError, GossipError
-from ..sim.config import SimConfig
+from ..sim.config import SimConfig, lr_at
 from .sim import FLAGS as SIM_FLAGS
 from .sim import _task_options
 
@@ -287,6 +287,8 @@ def run_node(cfg: RunConfig, world) -> dict:
         history, stragglers, row = [], Counter(), {}
         t_loop, steps0, rounds0 = time.perf_counter(), node.steps, node.round
         while node.round < rounds:
+            for group in opt.param_groups:  # a function of the round, so a resumed run agrees
+                group["lr"] = lr_at(cfg.lr_schedule, s["lr"], node.round, rounds)
             train_loss = 0.0
             for _ in range(cfg.local_steps):
                 loss = _train_step(task, model, opt, shard, data, s["batch_size"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -95,3 +96,10 @@ class SimConfig:
             self.target_accuracy is None or 0 < self.target_accuracy <= 1,
             f"target_accuracy={self.target_accuracy} must be in (0, 1]",
         )
+
+
+def lr_at(schedule: str, base: float, r: int, rounds: int) -> float:
+    """The learning rate of round ``r`` (0-based): constant, or cosine from ``base`` to 0."""
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * r / rounds))
+    return base

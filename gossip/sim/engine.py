@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..layout import ParamLayout
 from ..tasks import Task, get_task, partition
 from ..topology import build_topology, check_stochastic
-from .config import SimConfig
+from .config import SimConfig, lr_at
 from .rules import make_rule
 
 #: node x test-sample products scored per evaluation when eval_samples is automatic
@@ -108,13 +108,6 @@ class BatchedModel:
 def consensus_distance(Z: torch.Tensor) -> float:
     """sqrt(mean_i ||z_i - z_bar||^2): how far the nodes are from agreeing (0 = consensus)."""
     return float((Z - Z.mean(0, keepdim=True)).square().sum(1).mean().sqrt())
-
-
-def lr_at(schedule: str, base: float, r: int, rounds: int) -> float:
-    """The learning rate of round ``r`` (0-based): constant, or cosine from ``base`` to 0."""
-    if schedule == "cosine":
-        return base * 0.5 * (1.0 + math.cos(math.pi * r / rounds))
-    return base
 
 
 def simulate(cfg: SimConfig, task: Task | None = None, progress: bool = True) -> SimResult:

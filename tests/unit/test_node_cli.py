@@ -208,3 +208,24 @@ def test_gossip_run_resumes_from_its_checkpoint(tmp_path, monkeypatch, caplog):
     assert "resumed from" in caplog.text and "at round 3" in caplog.text
     assert (second["rounds"], second["steps"]) == (5, 10)
     assert [h["round"] for h in second["history"]] == [4, 5]
+
+
+def test_gossip_run_follows_the_lr_schedule_by_round(tmp_path, monkeypatch):
+    """--lr-schedule reaches the node's optimizer: every round sets lr from the round number."""
+    from gossip.runtime.rendezvous import World
+
+    monkeypatch.setenv("GOSSIP_MERGE_BACKEND", "reference")
+    seen = []
+
+    def spy(schedule, base, r, rounds):
+        seen.append((schedule, r, rounds))
+        return base * (rounds - r) / rounds
+
+    monkeypatch.setattr(run, "lr_at", spy)
+    argv = ["--task", "digits", "--rounds", "3", "--lr-schedule", "cosine", "--eval-samples",
+            "20", "--log-every", "0", "--out", str(tmp_path / "out")]  # fmt: skip
+    result = run.run_node(
+        run.config_from_args(parse(run, argv), environ={}), World(rank=0, world_size=1)
+    )
+    assert seen == [("cosine", 0, 3), ("cosine", 1, 3), ("cosine", 2, 3)]
+    assert result["rounds"] == 3

@@ -223,9 +223,14 @@ def test_choco_recovers_what_naive_compression_loses():
 
 @pytest.mark.parametrize(
     "compress,feedback,averaging",
-    [("quant:4", "choco:0.5", "dpsgd"), ("topk:0.05", "motef:0.3,0.9", "dpsgd"),
-     ("topk:0.05", "choco-econtrol:0.3,0.0", "dpsgd"), ("topk:0.01", "ef14", "allreduce"),
-     ("topk:0.01", "econtrol:0.1", "allreduce"), ("topk:0.01", "ef21", "allreduce")],
+    [
+        ("quant:4", "choco:0.5", "dpsgd"),
+        ("topk:0.05", "motef:0.3,0.9", "dpsgd"),
+        ("topk:0.05", "choco-econtrol:0.3,0.0", "dpsgd"),
+        ("topk:0.01", "ef14", "allreduce"),
+        ("topk:0.01", "econtrol:0.1", "allreduce"),
+        ("topk:0.01", "ef21", "allreduce"),
+    ],
 )
 def test_error_controlled_rules_train(compress, feedback, averaging):
     s = quick(rounds=60, compress=compress, feedback=feedback, averaging=averaging).summary
@@ -244,7 +249,7 @@ def test_feedback_settings_are_checked():
 
 
 def test_cosine_schedule_decays_to_zero_and_bad_schedule_is_named():
-    from gossip.sim.engine import lr_at
+    from gossip.sim.config import lr_at
 
     assert lr_at("constant", 0.3, 7, 10) == 0.3
     assert lr_at("cosine", 0.3, 0, 10) == pytest.approx(0.3)
