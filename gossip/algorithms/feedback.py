@@ -22,13 +22,68 @@ Example (n clients, batched)::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import AlgorithmError
+from ..errors import AlgorithmError, ConfigError
 from .compression import Compressor, Payload
+
+FEEDBACK_FORMS = (
+    "none | ef14 | ef21 | econtrol:ETA | choco:GAMMA | choco-econtrol:GAMMA,ETA "
+    "| motef:GAMMA,LAMBDA"
+)
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """A parsed ``--feedback`` value."""
+
+    name: str
+    gamma: float = 1.0
+    eta: float = 0.0
+    lmbd: float = 1.0
+
+
+def parse_feedback(spec: str) -> Feedback:
+    """``"choco:0.5"`` -> ``Feedback("choco", gamma=0.5)``; errors list the valid forms."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"feedback={spec!r} must be a string; use {FEEDBACK_FORMS}")
+    name, _, args = spec.strip().partition(":")
+    try:
+        nums = [float(a) for a in args.split(",")] if args else []
+    except ValueError:
+        raise ConfigError(
+            f"feedback={spec!r}: parameters must be numbers; use {FEEDBACK_FORMS}"
+        ) from None
+    arity = {
+        "none": 0,
+        "ef14": 0,
+        "ef21": 0,
+        "econtrol": 1,
+        "choco": 1,
+        "choco-econtrol": 2,
+        "motef": 2,
+    }
+    if name not in arity or len(nums) != arity[name]:
+        raise ConfigError(f"feedback={spec!r} is not valid; use {FEEDBACK_FORMS}")
+    if not all(math.isfinite(v) for v in nums):
+        raise ConfigError(f"feedback={spec!r}: parameters must be finite; use {FEEDBACK_FORMS}")
+    if name in ("choco", "choco-econtrol", "motef") and not nums[0] > 0:
+        raise ConfigError(f"feedback={spec!r}: the consensus step GAMMA must be > 0")
+    if name in ("econtrol", "choco-econtrol") and not nums[-1] >= 0:
+        raise ConfigError(f"feedback={spec!r}: the feedback strength ETA must be >= 0")
+    if name == "econtrol":
+        return Feedback(name, eta=nums[0])
+    if name == "choco":
+        return Feedback(name, gamma=nums[0])
+    if name == "choco-econtrol":
+        return Feedback(name, gamma=nums[0], eta=nums[1])
+    if name == "motef":
+        return Feedback(name, gamma=nums[0], lmbd=nums[1])
+    return Feedback(name)
 
 
 @dataclass(frozen=True)

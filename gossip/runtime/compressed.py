@@ -24,7 +24,6 @@ and the all-reduce feedback kinds (``ef14``, ``ef21``, ``econtrol``) are simulat
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ import torch
 
 from ..algorithms import gossip_average_
 from ..algorithms.compression import Compressor, Payload, make_compressor
+from ..algorithms.feedback import parse_feedback
 from ..errors import ConfigError, WireError
 from .neighbours import RoundReport
 
@@ -65,28 +65,25 @@ def parse_compression(compress: str, feedback: str) -> CompressionSpec | None:
         if not isinstance(value, str):
             raise ConfigError(f"{name}={value!r} must be a string")
     make_compressor(compress)  # a ConfigError naming the spec and the valid forms
-    name, _, args = feedback.strip().partition(":")
+    name = feedback.strip().partition(":")[0]
     if name in SIMULATOR_ONLY:
         raise ConfigError(
             f"feedback={feedback!r} runs in the simulator only (gossip sim); node processes "
             f"support feedback in: {RUNTIME_FEEDBACK}"
         )
-    arity = {"none": 0, "choco": 1, "choco-econtrol": 2}
     try:
-        nums = [float(a) for a in args.split(",")] if args else []
-    except ValueError:
-        nums = None
-    if name not in arity or nums is None or len(nums) != arity[name]:
-        raise ConfigError(f"feedback={feedback!r} is not valid; use one of: {RUNTIME_FEEDBACK}")
-    if name == "none":
+        fb = parse_feedback(feedback)  # names the spec, checks GAMMA > 0 and ETA >= 0
+    except ConfigError as e:
+        if "step GAMMA must" in str(e) or "strength ETA must" in str(e):
+            raise
+        raise ConfigError(
+            f"feedback={feedback!r} is not valid; use one of: {RUNTIME_FEEDBACK}"
+        ) from None
+    if fb.name == "none":
         if compress.strip().lower() in _DENSE:
             return None
         return CompressionSpec(compress, feedback, "naive")
-    gamma, eta = nums[0], (nums[1] if len(nums) > 1 else 0.0)
-    if not (math.isfinite(gamma) and gamma > 0):
-        raise ConfigError(f"feedback={feedback!r}: the consensus step GAMMA must be > 0")
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ConfigError(f"feedback={feedback!r}: the feedback strength ETA must be >= 0")
+    gamma, eta, name = fb.gamma, fb.eta, fb.name
     return CompressionSpec(compress, feedback, "choco", gamma, eta, name == "choco-econtrol")
 
 

@@ -15,8 +15,6 @@ Bytes are counted from the real payloads: a node's message goes once to each out
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from ..algorithms import (
@@ -39,62 +37,19 @@ from ..algorithms.feedback import (
     EControlState,
     EF14State,
     EF21State,
+    Feedback,
     ServerState,
     apply_mean_update,
     compressed_sgd_step,
     econtrol_step,
     ef14_step,
     ef21_step,
+    parse_feedback,
     server_step,
 )
 from ..errors import ConfigError
 
-FEEDBACK_FORMS = (
-    "none | ef14 | ef21 | econtrol:ETA | choco:GAMMA | choco-econtrol:GAMMA,ETA "
-    "| motef:GAMMA,LAMBDA"
-)
 SERVER_FEEDBACK = ("ef14", "ef21", "econtrol")
-
-
-@dataclass(frozen=True)
-class Feedback:
-    """A parsed ``--feedback`` value."""
-
-    name: str
-    gamma: float = 1.0
-    eta: float = 0.0
-    lmbd: float = 1.0
-
-
-def parse_feedback(spec: str) -> Feedback:
-    """``"choco:0.5"`` -> ``Feedback("choco", gamma=0.5)``; errors list the valid forms."""
-    name, _, args = spec.partition(":")
-    try:
-        nums = [float(a) for a in args.split(",")] if args else []
-    except ValueError:
-        raise ConfigError(
-            f"feedback={spec!r}: parameters must be numbers; use {FEEDBACK_FORMS}"
-        ) from None
-    arity = {
-        "none": 0,
-        "ef14": 0,
-        "ef21": 0,
-        "econtrol": 1,
-        "choco": 1,
-        "choco-econtrol": 2,
-        "motef": 2,
-    }
-    if name not in arity or len(nums) != arity[name]:
-        raise ConfigError(f"feedback={spec!r} is not valid; use {FEEDBACK_FORMS}")
-    if name == "econtrol":
-        return Feedback(name, eta=nums[0])
-    if name == "choco":
-        return Feedback(name, gamma=nums[0])
-    if name == "choco-econtrol":
-        return Feedback(name, gamma=nums[0], eta=nums[1])
-    if name == "motef":
-        return Feedback(name, gamma=nums[0], lmbd=nums[1])
-    return Feedback(name)
 
 
 def _out_degrees(W) -> torch.Tensor:

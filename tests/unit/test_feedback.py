@@ -392,3 +392,25 @@ def test_motef_keeps_converging_where_compressed_dpsgd_stalls():
             mid = float((x - prob.x_star).pow(2).sum(1).mean())
     end = float((x - prob.x_star).pow(2).sum(1).mean())
     assert end > 0.5 * mid > 1e3 * dist[299]
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("choco", "feedback='choco' is not valid; use none"),
+        ("motef:0.1", "feedback='motef:0.1' is not valid"),
+        ("choco:x", "parameters must be numbers"),
+        ("choco:nan", "parameters must be finite"),
+        ("choco:0", "consensus step GAMMA must be > 0"),
+        ("econtrol:-0.1", "feedback strength ETA must be >= 0"),
+    ],
+)
+def test_feedback_specs_are_parsed_once_and_errors_name_the_spec(spec, match):
+    from gossip.algorithms.feedback import parse_feedback
+    from gossip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=match):
+        parse_feedback(spec)
+    fb = parse_feedback("choco-econtrol:0.2,0.05")
+    assert (fb.name, fb.gamma, fb.eta) == ("choco-econtrol", 0.2, 0.05)
+    assert parse_feedback(" motef:0.1,0.5 ").lmbd == 0.5
