@@ -28,18 +28,35 @@ def main(argv=None) -> int:
 
     print(f"{'nodes':>6} {'s/round gossip':>15} {'s/round local':>14} {'ratio':>6}")
     for n in args.nodes:
-        base = SimConfig(task=args.task, nodes=n, topology=args.topology, rounds=args.rounds,
-                         averaging=args.averaging, eval_every=args.rounds, eval_samples=1000)
+        base = SimConfig(
+            task=args.task,
+            nodes=n,
+            topology=args.topology,
+            rounds=args.rounds,
+            averaging=args.averaging,
+            eval_every=args.rounds,
+            eval_samples=1000,
+        )
         simulate(dataclasses.replace(base, rounds=2), progress=False)  # warm-up
         gossip = simulate(base, progress=False).summary
         local = simulate(dataclasses.replace(base, averaging="none"), progress=False).summary
         ratio = gossip["seconds_per_round"] / local["seconds_per_round"]
         if args.json:
-            print(json.dumps({"nodes": n, "gossip_s_per_round": gossip["seconds_per_round"],
-                              "local_s_per_round": local["seconds_per_round"], "ratio": ratio}))
+            print(
+                json.dumps(
+                    {
+                        "nodes": n,
+                        "gossip_s_per_round": gossip["seconds_per_round"],
+                        "local_s_per_round": local["seconds_per_round"],
+                        "ratio": ratio,
+                    }
+                )
+            )
         else:
-            print(f"{n:>6} {gossip['seconds_per_round']:>15.4f} "
-                  f"{local['seconds_per_round']:>14.4f} {ratio:>6.2f}")
+            print(
+                f"{n:>6} {gossip['seconds_per_round']:>15.4f} "
+                f"{local['seconds_per_round']:>14.4f} {ratio:>6.2f}"
+            )
     return 0
 
 
