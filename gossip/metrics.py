@@ -151,6 +151,12 @@ class NodeMetrics:
             ["peer"],
             registry=r,
         )
+        self.rounds_skipped = Counter(
+            PREFIX + "rounds_skipped",
+            "Rounds this node skipped to rejoin neighbours that had moved further ahead than "
+            "the round window (it fell behind, e.g. paused).",
+            registry=r,
+        )
         self.neighbours_merged = Gauge(
             PREFIX + "neighbours_merged",
             "Neighbour models merged in the last round.",

@@ -190,6 +190,11 @@ class NaiveCompressedGossip:
                       self.node.rank, msg.sender, reason)  # fmt: skip
         return payload
 
+    def check(self, msg) -> bool:
+        """Whether ``msg`` passes this node's checks (e.g. a far-ahead message a node that fell
+        behind takes as evidence, :mod:`gossip.runtime.rounds`)."""
+        return self._payload(msg) is not None
+
     def _frames(self, payload) -> list[torch.Tensor]:
         # own CPU copies: wire transports send zero-copy after send() returns
         return [f.detach().to("cpu", copy=True) for f in payload.frames]

@@ -100,12 +100,17 @@ class PeerLiveness:
 
 @dataclass
 class RoundReport:
-    """What one gossip round did: who was merged, who was missing, how long it took (seconds)."""
+    """What one gossip round did: who was merged, who was missing, how long it took (seconds).
+
+    ``skipped``: rounds skipped just before this one to rejoin neighbours that had moved ahead
+    further than the round window (:mod:`gossip.runtime.rounds`); 0 normally.
+    """
 
     round: int
     merged: tuple[int, ...] = ()
     missing: tuple[int, ...] = ()
     down: tuple[int, ...] = ()
+    skipped: int = 0
     seconds: float = 0.0
     wait_seconds: float = 0.0
     consensus_distance: float = float("nan")

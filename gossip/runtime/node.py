@@ -23,7 +23,11 @@ weights of those that arrived; push-sum adds the late message's mass in a later 
 is inside the transport's round window), so no mass is lost to a slow link. A neighbour
 that sent nothing at all for ``down_after`` rounds is taken as down: it is no longer waited for
 (so a dead peer costs ``down_after`` deadlines once, never a hang), push-sum keeps the share it
-would have sent, and it is taken back as soon as a message from it arrives.
+would have sent, and it is taken back as soon as a message from it arrives. A node that fell
+behind by more than the transport's round window (it was paused, say) skips ahead to its
+neighbours' round once a majority of them (or, when it is isolated, one of them several times in
+a row) shows it valid messages from that far ahead; the rule and why one forged message cannot
+trigger it are in :mod:`gossip.runtime.rounds`.
 
 **Asynchronous** rounds (``mode="async"``): a background thread owns the transport, sends the
 latest snapshot and collects what arrives while the caller computes. At round ``r`` the node
@@ -227,6 +231,12 @@ class Node(SyncRounds):
             fail_fast = getattr(self.transport, "kind", "") == "torchdist"
         self.fail_fast = bool(fail_fast) and self.store is not None
         self.liveness = PeerLiveness(self.in_peers, down_after)
+        # rejoining after falling behind (gossip.runtime.rounds): far-ahead rounds seen per
+        # in-neighbour, and who the last round merged (None before the first round)
+        self._rejoin_evidence: dict[int, list[int]] = {}
+        self._last_merged: tuple[int, ...] | None = None
+        self._rejoin_refused = False
+        self._unconfirmed: set[int] = set()  # rejoined neighbours not yet heard from currently
         self._exchange = _Exchange(self) if mode == "async" and averaging != "none" else None
         self.compressed = make_compressed(self, compression, public_copy_init)
         self._closed = False
@@ -255,6 +265,10 @@ class Node(SyncRounds):
             failure = job_failure(self.store, self.world, self.run_id)
             if failure is not None:
                 raise TransportError(f"node {self.rank}: stopping, the job failed: {failure}")
+        skipped = 0
+        if self.mode == "sync" and self.averaging != "none":
+            skipped = self._rejoin(r)
+            r = self.round
         try:
             if self.averaging == "none":
                 report = RoundReport(round=r)
@@ -271,6 +285,8 @@ class Node(SyncRounds):
                 report_failure(self.store, self.world, str(e), self.run_id)
             raise
         report.seconds = time.perf_counter() - t0
+        report.skipped = skipped
+        self._last_merged = report.merged
         self.metrics.observe_round(r, report.seconds, report.wait_seconds, len(report.merged))
         if math.isfinite(report.consensus_distance):
             self.metrics.consensus_distance.set(report.consensus_distance)

@@ -31,8 +31,10 @@ Receiver i keeps, per neighbour j, the replica and its version ``v_j`` (None = i
   increment in its next round. Its bytes count like any other message.
 
 A neighbour that was down, or restarted from an older checkpoint, shows up as a gap or an old
-``base`` and is resynced by the same path, in both directions. Requests travel back on the
-edge they concern, hence the static, undirected topology CHOCO needs here.
+``base`` and is resynced by the same path, in both directions. So does a node that fell behind
+by more than the round window and skipped ahead to rejoin (:mod:`gossip.runtime.rounds`): the
+increments it rejected as too far ahead, and the neighbours its stale ones, are gaps. Requests
+travel back on the edge they concern, hence the static, undirected topology CHOCO needs here.
 
 The state (own :class:`~gossip.algorithms.choco.PublicCopy`, replicas, versions, resync
 bookkeeping) goes into the node's checkpoint, so a resumed node continues exactly.
@@ -155,6 +157,23 @@ class ChocoGossip(NaiveCompressedGossip):
         node._update_liveness(r, got)
         report.down = tuple(sorted(node.liveness.down))
         return report
+
+    def check(self, msg) -> bool:
+        """Whether ``msg`` passes this node's checks, without applying it: a far-ahead message
+        that a node which fell behind takes as evidence (:mod:`gossip.runtime.rounds`). After
+        the jump the versions show a gap, which the resync protocol repairs."""
+        h = msg.header
+        flags = (h.get("resync", False), h.get("full", False))
+        if _base(msg) is None or not all(isinstance(f, bool) for f in flags):
+            self._reject("bad_header")
+            return False
+        if not flags[1]:
+            return self._payload(msg) is not None
+        t = msg.tensors[0] if len(msg.tensors) == 1 and "codec" not in h else None
+        ok = t is not None and t.dtype == self.node.flat.dtype and tuple(t.shape) == (self.d,)
+        if not ok:
+            self._reject("bad_header" if t is None else "size_mismatch")
+        return ok
 
     def _late(self, p: int, r: int) -> list:
         """Messages of ``p`` for rounds before ``r`` that arrived after their round (in order,

@@ -13,6 +13,13 @@ rank to another. It knows bytes, ranks and round numbers, never the math. Every 
   memory with early messages). A second message for the same ``(sender, round)`` is rejected as
   ``"replayed"``. A message for a round below the floor but inside the window is accepted and
   counted as *late* (the caller may still ask for it; the async mode does);
+* **far-ahead evidence**: a ``"future"`` message from an allowed sender that passed every other
+  check of the backend is still rejected, but the newest one per sender is kept
+  (:meth:`Transport.ahead`, one message per sender, so memory stays bounded). A node that fell
+  behind its neighbours by more than the window uses them as evidence to rejoin
+  (:meth:`Transport.rejoin` moves the window and admits the kept messages that now fit); the
+  rule is the node's (:mod:`gossip.runtime.rounds`). A kept message that comes inside the
+  window as the floor advances is admitted then;
 * the **sender check**: only ranks passed to :meth:`Transport.connect` (or to
   :meth:`Transport.allow_senders`) may send; anyone else is rejected as ``"unknown_sender"``;
 * :class:`TransportStats`: bytes and messages per peer, rejections by reason, late and expired
@@ -192,6 +199,7 @@ class Transport(ABC):
         self._mailbox: dict[tuple[int, int], Message] = {}
         self._seen: set[tuple[int, int]] = set()
         self._floor = 0
+        self._ahead: dict[int, Message] = {}  # newest far-future message per sender
         self._logged: set[tuple[int, str]] = set()
         self._left: set[int] = set()  # peers that said goodbye (backends that can tell)
         self._closed = False
@@ -354,6 +362,35 @@ class Transport(ABC):
         """The highest round asked for so far (the floor of the round window)."""
         return self._floor
 
+    def poll(self, timeout_s: float = 0.0) -> None:
+        """Handle what has arrived (waiting at most ``timeout_s``) without asking for a round:
+        messages go to the mailbox (or are rejected, far-ahead ones kept, see :meth:`ahead`)."""
+        self._check_open()
+        self._pump(max(0.0, float(timeout_s)), set())
+
+    def ahead(self) -> dict[int, Message]:
+        """The newest rejected ``"future"`` message of each sender (``sender -> Message``) that
+        passed every other check: evidence that the senders are further ahead than the window.
+
+        Backends that cannot tell (or do not keep them) return an empty dict. The messages stay
+        kept until :meth:`rejoin`, until the window reaches them, or until a newer one replaces
+        them.
+        """
+        return dict(self._ahead)
+
+    def rejoin(self, round: int) -> list[int]:
+        """Jump the window's floor to ``round`` (a node that skips rounds to catch up): buffered
+        messages below the new window expire, and the kept far-ahead messages now inside the
+        window are admitted (counted as received, so the receiver sees their senders alive).
+        Returns the senders whose kept message was admitted."""
+        self._check_open()
+        if isinstance(round, bool) or not isinstance(round, int) or round < self._floor:
+            raise ConfigError(f"rejoin round must be an int >= {self._floor}, got {round!r}")
+        self._advance(round)
+        admitted = self._admit_ahead()
+        self._ahead.clear()
+        return admitted
+
     def release(self, msg: Message) -> None:
         """Give a received message's buffers back for reuse; ``msg.tensors`` are emptied.
 
@@ -375,6 +412,7 @@ class Transport(ABC):
             return
         self._closed = True
         self._mailbox.clear()
+        self._ahead.clear()
         self._close()
 
     def __enter__(self) -> Transport:
@@ -399,6 +437,26 @@ class Transport(ABC):
         if (sender, round) in self._seen:
             return "replayed"
         return None
+
+    def _hold_ahead(self, msg: Message) -> None:
+        """Keep ``msg`` (rejected as ``"future"``, every other check passed) if it is the
+        newest far-ahead message of its sender; call after :meth:`_reject`."""
+        old = self._ahead.get(msg.sender)
+        if old is None or msg.round > old.round:
+            self._ahead[msg.sender] = msg
+
+    def _admit_ahead(self) -> list[int]:
+        """Admit the kept far-ahead messages that the window now reaches (bytes were counted
+        when they arrived)."""
+        admitted = []
+        for sender, msg in list(self._ahead.items()):
+            if msg.round > self._floor + self.max_rounds_ahead:
+                continue
+            del self._ahead[sender]
+            if self._admit(sender, msg.round) is None:
+                self._deliver(msg, 0)
+                admitted.append(sender)
+        return admitted
 
     def _deliver(self, msg: Message, nbytes: int) -> None:
         """Put an admitted message into the mailbox (call :meth:`_admit` first)."""
@@ -438,6 +496,8 @@ class Transport(ABC):
             self.stats.expired[key[0]] += 1
             del self._mailbox[key]
         self._seen = {k for k in self._seen if k[1] >= low}
+        if self._ahead:
+            self._admit_ahead()
 
     def _check_sender(self, peer: int) -> None:
         if peer not in self._senders:

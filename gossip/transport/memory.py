@@ -162,6 +162,9 @@ class MemoryTransport(Transport):
             reason = self._admit(sender, round)
             if reason is not None:
                 self._reject(sender, reason, f"round {round}", nbytes)
+                if reason == "future":  # evidence that this node fell behind (see ahead())
+                    header = msgpack.unpackb(packed, raw=False)
+                    self._hold_ahead(Message(sender, round, header, tensors))
                 continue
             header = msgpack.unpackb(packed, raw=False)
             self._deliver(Message(sender, round, header, tensors), nbytes)

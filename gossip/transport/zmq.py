@@ -319,11 +319,16 @@ class ZmqTransport(Transport):
             self._reject(peer, "bad_header", detail, nbytes)
             return
         reason = self._admit(peer, header["round"])
-        if reason is not None:
+        if reason is not None and reason != "future":
             self._reject(peer, reason, f"round {header['round']}", nbytes)
             return
         tensors = [t if t.data_ptr() % t.element_size() == 0 else t.clone() for t in tensors]
-        self._deliver(Message(peer, header["round"], user, tensors), nbytes)
+        msg = Message(peer, header["round"], user, tensors)
+        if reason == "future":  # rejected, but kept as evidence that we fell behind (ahead())
+            self._reject(peer, reason, f"round {header['round']}", nbytes)
+            self._hold_ahead(msg)
+            return
+        self._deliver(msg, nbytes)
 
     # ------------------------------------------------------------------------------ closing
     def _close(self) -> None:
