@@ -35,7 +35,10 @@ FLAGS = {
     "eval_every": (int, "evaluate every K rounds (0 = automatic)"),
     "eval_samples": (int, "evaluate on this many test samples (0 = all)"),
     "target_accuracy": (float, "report the first round whose mean accuracy reaches this"),
-    "compress": (str, "none | topk:0.01 | randk:0.01 | quant:4 | sign | fp16 | bf16"),
+    "compress": (
+        str,
+        "none | topk:0.01 | topk:0.01:bf16:packed | randk:0.01 | quant:4 | sign | fp16 | bf16",
+    ),
     "feedback": (
         str,
         "none | ef14 | ef21 | econtrol:ETA | choco:GAMMA | "

@@ -343,3 +343,59 @@ def test_float64_and_low_precision_inputs_keep_their_dtype():
             assert math.isfinite(float(q.double().abs().sum()))
     with pytest.raises(ConfigError, match="float16/bfloat16/float32/float64"):
         TopK(1).compress(torch.arange(5))
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01:bf16:packed", "topk:0.01:packed", "topk:3:bf16"])
+@pytest.mark.parametrize("d", [0, 1, 2, 7, 100, 4810, 1_000_003])
+def test_topk_options_round_trip_the_rounded_values_bit_for_bit(spec, d):
+    c = make_compressor(spec)
+    assert c.spec() == spec
+    x = torch.randn(d)
+    p = c.compress(x, sender=2)
+    y = c.decompress(_wire(p), d=d)
+    k = c.k_for(d)
+    idx = topk_indices(x.unsqueeze(0), k)[0]
+    vals = x[idx].to(torch.bfloat16).float() if "bf16" in spec else x[idx]
+    assert torch.equal(_bits(y), _bits(torch.zeros(d).index_put_((idx,), vals)))
+    out = torch.ones(d)
+    c.decompress_add_(out, p, 0.5)
+    assert torch.allclose(out, 1 + 0.5 * y)
+    # the contraction bound holds for the rounded values too
+    if d:
+        assert (y - x).square().sum() <= (1 - c.delta(d)) * x.square().sum() + 1e-6
+
+
+def test_packed_indices_cost_about_two_plus_log2_d_over_k_bits_and_rows_batch():
+    from gossip.algorithms.compression.sparse import elias_fano_bytes
+
+    assert elias_fano_bytes(4810, 48) == 52  # 48 x 6 low bits + a bitmap of 48 + 76 bits
+    assert elias_fano_bytes(1, 1) == 1 and elias_fano_bytes(0, 0) == 0
+    c = make_compressor("topk:0.01:bf16:packed")
+    X = torch.randn(6, 4810)
+    P = c.compress(X, sender=0)
+    assert torch.equal(c.decompress(P), torch.stack([c.decompress(q) for q in c.split(P)]))
+    plain = make_compressor("topk:0.01")
+    one = c.compress(X[0])
+    assert c.wire_bytes(one) < 0.65 * plain.wire_bytes(plain.compress(X[0]))
+
+
+def test_malformed_packed_indices_are_rejected_with_a_reason():
+    c = make_compressor("topk:4:packed")
+    p = c.compress(torch.randn(100))
+    vals, packed = p.frames
+    for bad, reason in [
+        (torch.zeros_like(packed), "bad_payload"),  # no index at all
+        (torch.full_like(packed, 255), "bad_payload"),  # too many
+        (packed[:-1], "size_mismatch"),
+    ]:
+        with pytest.raises(WireError) as e:
+            c.decompress(type(p)(p.header, (vals, bad)), d=100)
+        assert e.value.reason == reason
+    other = make_compressor("topk:4")
+    with pytest.raises(WireError, match="do not match this compressor") as e:
+        other.decompress(p, d=100)
+    assert e.value.reason == "bad_header"
+    with pytest.raises(ConfigError, match="topk options"):
+        make_compressor("topk:4:fp8")
+    with pytest.raises(ConfigError, match="randk takes no options"):
+        make_compressor("randk:4:bf16")

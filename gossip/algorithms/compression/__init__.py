@@ -29,7 +29,8 @@ from .quantize import ScaledSign, StochasticQuantizer, pack_bits, unpack_bits, u
 from .sparse import RandK, TopK, randk_indices, randk_rows, topk_indices
 
 SPEC_FORMS = (
-    "none, identity, topk:<fraction in (0,1]>, topk:<count>, randk:<fraction>, randk:<count>, "
+    "none, identity, topk:<fraction in (0,1]>, topk:<count>, with options topk:<k>:bf16, "
+    "topk:<k>:packed, topk:<k>:bf16:packed, randk:<fraction>, randk:<count>, "
     "quant:<2|4|8>[:<chunk>], sign, fp16, bf16"
 )
 
@@ -38,7 +39,8 @@ def make_compressor(spec: str | Compressor | None) -> Compressor:
     """Parse a compressor spec (``none|identity|topk:0.01|topk:100|randk:0.01|quant:4|sign|bf16``).
 
     ``topk``/``randk`` take a fraction of d (a number with a '.' or exponent, in (0, 1]) or a
-    count (an integer >= 1). ``quant`` takes bits in {2, 4, 8} and an optional chunk size
+    count (an integer >= 1); ``topk:0.01:bf16:packed`` sends bfloat16 values and Elias-Fano
+    packed indices (see :class:`TopK`). ``quant`` takes bits in {2, 4, 8} and an optional chunk size
     (``quant:4:128``; default 256). Raises :class:`ConfigError` naming the spec otherwise.
     """
     if isinstance(spec, Compressor):
@@ -60,10 +62,13 @@ def make_compressor(spec: str | Compressor | None) -> Compressor:
         if name == "sign" and not arg:
             return ScaledSign()
         if name in ("topk", "randk") and arg:
-            cls = TopK if name == "topk" else RandK
+            arg, *options = arg.split(":")
+            kw = {"options": tuple(options)} if name == "topk" else {}
+            if options and name == "randk":
+                raise bad("randk takes no options")
             if any(ch in arg for ch in ".e"):
-                return cls(fraction=float(arg))
-            return cls(int(arg))
+                return (TopK if name == "topk" else RandK)(fraction=float(arg), **kw)
+            return (TopK if name == "topk" else RandK)(int(arg), **kw)
         if name == "quant" and arg:
             parts = arg.split(":")
             if len(parts) > 2:
