@@ -51,6 +51,7 @@ import queue
 import threading
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -60,13 +61,18 @@ from .wire import DEFAULT_LIMITS, WireLimits, decode, encode
 
 #: First int64 of every prefix ("GOSSIP01" in ASCII).
 MAGIC = int.from_bytes(b"GOSSIP01", "little", signed=True)
-KIND_MESSAGE, KIND_PING, KIND_BYE = 0, 1, 2
+#: Prefix kinds. ``KIND_INLINE`` is a whole message (header and frames) inside the prefix.
+KIND_MESSAGE, KIND_PING, KIND_BYE, KIND_INLINE = 0, 1, 2, 3
+_KINDS = (KIND_MESSAGE, KIND_PING, KIND_BYE, KIND_INLINE)
 #: Most frames one message may carry over this transport (fixed prefix size: 4 + 64 int64).
 PREFIX_FRAMES = 64
 PREFIX_LEN = 4 + PREFIX_FRAMES
-#: Headers up to this size ride inside the prefix (one send less per message).
-INLINE_HEADER_BYTES = 2048
-_PREFIX_WORDS = PREFIX_LEN + INLINE_HEADER_BYTES // 8
+#: Bytes after the prefix's words: a header up to this size rides there (one send less per
+#: message), and so does a whole small message (header, then each frame at the next multiple
+#: of 8 bytes) when it fits: then the message is a single send.
+INLINE_BYTES = 2048
+_INLINE_AT = PREFIX_LEN * 8
+_PREFIX_WORDS = PREFIX_LEN + INLINE_BYTES // 8
 TAG = 0
 #: Released receive buffers kept per size (see :meth:`Transport.release`).
 POOL_PER_SIZE = 4
@@ -110,7 +116,7 @@ class _Peer:
 
     def __init__(self, rank: int):
         self.rank = rank
-        self.outbox: queue.Queue = queue.Queue()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.queued = 0  # messages queued or in flight (guarded by the transport's lock)
         self.error: str | None = None
         self.left = False
@@ -185,7 +191,7 @@ class TorchDistTransport(Transport):
         self.close_timeout_s = float(close_timeout_s)
         self._timeout = datetime.timedelta(seconds=self.timeout_s)
         self._lock = threading.Lock()
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pool: dict[int, list[torch.Tensor]] = {}
         self._out: dict[int, _Peer] = {}
         self._in: dict[int, _Peer] = {}
@@ -268,14 +274,18 @@ class TorchDistTransport(Transport):
             if state.queued >= self.sndhwm:
                 return 0
             state.queued += 1
-        head = frames[0]
-        sizes = [memoryview(f).nbytes for f in frames[1:]]
-        prefix = self._prefix(KIND_MESSAGE, len(head), sizes, head)
-        pieces = [prefix]
-        if len(head) > INLINE_HEADER_BYTES:
-            pieces.append(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-        # Send the tensors themselves (flattened views), not the wire's byte views: no copy.
-        pieces += [t.detach().to("cpu").contiguous().reshape(-1) for t in tensors if t.numel()]
+        head, views = frames[0], frames[1:]
+        sizes = [v.nbytes for v in views]
+        if _inline_end(len(head), sizes) <= INLINE_BYTES:
+            # Small message: one send, and the receiver needs no second rendezvous.
+            pieces = [self._prefix(KIND_INLINE, head, sizes, views)]
+        else:
+            pieces = [self._prefix(KIND_MESSAGE, head, sizes)]
+            if len(head) > INLINE_BYTES:
+                pieces.append(torch.frombuffer(bytearray(head), dtype=torch.uint8))
+            # The bytes encode viewed: the tensors' own memory on CPU (no copy); for a GPU
+            # tensor, the one host copy encode made.
+            pieces += [torch.frombuffer(v, dtype=torch.uint8) for v in views if v.nbytes]
         # Posted here, in the caller's thread (no hand-off latency); the sender thread waits.
         works = self._post(state, pieces)
         if works is None:
@@ -300,14 +310,22 @@ class TorchDistTransport(Transport):
             return works
 
     @staticmethod
-    def _prefix(kind: int, header_len: int, sizes: list[int], head: bytes = b"") -> torch.Tensor:
+    def _prefix(kind: int, head: bytes = b"", sizes=(), inline=()) -> torch.Tensor:
+        """The prefix: magic, kind, header length, frame count, frame sizes, then the inline
+        bytes (the header when it fits; with ``inline``, the frames too)."""
         p = torch.zeros(_PREFIX_WORDS, dtype=torch.int64)
-        p[0], p[1], p[2], p[3] = MAGIC, kind, header_len, len(sizes)
-        if sizes:
-            p[4 : 4 + len(sizes)] = torch.tensor(sizes, dtype=torch.int64)
-        if 0 < len(head) <= INLINE_HEADER_BYTES:
-            inline = p.view(torch.uint8)[PREFIX_LEN * 8 :]
-            inline[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        words = p.numpy()
+        words[:4] = (MAGIC, kind, len(head), len(sizes))
+        words[4 : 4 + len(sizes)] = sizes
+        if 0 < len(head) <= INLINE_BYTES:
+            raw = words.view(np.uint8)
+            raw[_INLINE_AT : _INLINE_AT + len(head)] = np.frombuffer(head, dtype=np.uint8)
+            at = _INLINE_AT + _align8(len(head))
+            for view in inline:
+                n = view.nbytes
+                if n:
+                    raw[at : at + n] = np.frombuffer(view, dtype=np.uint8)
+                at += _align8(n)
         return p
 
     def _send_loop(self, state: _Peer) -> None:
@@ -317,10 +335,10 @@ class TorchDistTransport(Transport):
             try:
                 entry = state.outbox.get(timeout=idle_s)
             except queue.Empty:
-                ping = [self._prefix(KIND_PING, 0, [])]
+                ping = [self._prefix(KIND_PING)]
                 entry = (self._post(state, ping), ping, False)
             if entry is None:
-                bye = [self._prefix(KIND_BYE, 0, [])]
+                bye = [self._prefix(KIND_BYE)]
                 works, is_message = self._post(state, bye, bye=True), False
             else:
                 works, is_message = entry[0], len(entry) == 2
@@ -339,41 +357,61 @@ class TorchDistTransport(Transport):
     # -------------------------------------------------------------------------- receiving
     def _recv_loop(self, state: _Peer) -> None:
         src = state.rank
-        while not self._stop.is_set():
-            try:
-                prefix = torch.empty(_PREFIX_WORDS, dtype=torch.int64)
-                self.group.recv([prefix], src, TAG).wait(self._timeout)
-                magic, kind, head_len, nframes = (int(v) for v in prefix[:4])
-                if magic != MAGIC or kind not in (KIND_MESSAGE, KIND_PING, KIND_BYE):
+        try:
+            prefix, posted = self._post_prefix(src)
+            while True:  # a posted receive is always waited for; the goodbye ends the loop
+                posted.wait(self._timeout)
+                words = prefix.numpy()
+                magic, kind, head_len, nframes = words[:4].tolist()
+                if magic != MAGIC or kind not in _KINDS:
                     raise _ProtocolError(f"bad prefix (magic {magic:#x}, kind {kind})")
-                if kind == KIND_PING:
-                    continue
                 if kind == KIND_BYE:
                     self._inbox.put(("bye", src))
                     out = self._out.get(src)
                     if out is not None:
                         out.outbox.put(None)  # answer with our goodbye so its receiver ends too
                     return
-                sizes = [int(v) for v in prefix[4 : 4 + max(0, min(nframes, PREFIX_FRAMES))]]
+                if kind == KIND_PING:
+                    prefix, posted = self._post_prefix(src)
+                    continue
+                sizes = words[4 : 4 + max(0, min(nframes, PREFIX_FRAMES))].tolist()
                 self._check_sizes(head_len, nframes, sizes)
-                works = []
-                if head_len <= INLINE_HEADER_BYTES:
-                    head = prefix.view(torch.uint8)[PREFIX_LEN * 8 : PREFIX_LEN * 8 + head_len]
+                raw = prefix.view(torch.uint8)
+                works, bufs, frames = [], [], []
+                if kind == KIND_INLINE:
+                    end = _inline_end(head_len, sizes)
+                    if end > INLINE_BYTES:
+                        raise _ProtocolError(
+                            f"inline message of {end} B overflows the {INLINE_BYTES} B prefix"
+                        )
+                    head = raw[_INLINE_AT : _INLINE_AT + head_len]
+                    at = _INLINE_AT + _align8(head_len)
+                    for n in sizes:
+                        frames.append(raw[at : at + n])
+                        at += _align8(n)
                 else:
-                    head = torch.empty(head_len, dtype=torch.uint8)
-                    works.append(self.group.recv([head], src, TAG))
-                bufs = [self._buffer(n) for n in sizes]
-                works += [self.group.recv([b], src, TAG) for b in bufs if b.numel() > 0]
+                    if head_len <= INLINE_BYTES:
+                        head = raw[_INLINE_AT : _INLINE_AT + head_len]
+                    else:
+                        head = torch.empty(head_len, dtype=torch.uint8)
+                        works.append(self.group.recv([head], src, TAG))
+                    frames = bufs = [self._buffer(n) for n in sizes]
+                    works += [self.group.recv([b], src, TAG) for b in bufs if b.numel() > 0]
+                # The next prefix's receive is posted before this message's frames land, so a
+                # message right behind this one is not held up by the hand-off below.
+                prefix, posted = self._post_prefix(src)
                 for w in works:
                     w.wait(self._timeout)
-                self._inbox.put(("msg", src, head, bufs))
-            except _ProtocolError as exc:
-                self._inbox.put(("error", src, f"protocol error: {exc}"))
-                return
-            except RuntimeError as exc:
-                if not self._stop.is_set():
-                    self._inbox.put(("error", src, _describe(exc, self.timeout_s)))
-                return
+                self._inbox.put(("msg", src, head, frames, bufs))
+        except _ProtocolError as exc:
+            self._inbox.put(("error", src, f"protocol error: {exc}"))
+        except RuntimeError as exc:
+            if not self._stop.is_set():
+                self._inbox.put(("error", src, _describe(exc, self.timeout_s)))
+
+    def _post_prefix(self, src: int):
+        prefix = torch.empty(_PREFIX_WORDS, dtype=torch.int64)
+        return prefix, self.group.recv([prefix], src, TAG)
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
         """A receive buffer: a released one of that size if any, else a new one."""
@@ -428,11 +466,11 @@ class TorchDistTransport(Transport):
         if what == "error":
             state.error = item[2]
             return
-        head, bufs = item[2], item[3]
-        nbytes = head.numel() + sum(b.numel() for b in bufs)
+        head, frames, bufs = item[2], item[3], item[4]
+        nbytes = head.numel() + sum(f.numel() for f in frames)
         try:
             header, tensors = decode(
-                [memoryview(head.numpy()), *[memoryview(b.numpy()) for b in bufs]],
+                [memoryview(head.numpy()), *[memoryview(f.numpy()) for f in frames]],
                 limits=self.limits,
             )
         except WireError as exc:
@@ -478,6 +516,15 @@ class TorchDistTransport(Transport):
 
 class _ProtocolError(Exception):
     pass
+
+
+def _align8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _inline_end(head_len: int, sizes) -> int:
+    """Bytes a message takes in the prefix's inline area (header, then 8-aligned frames)."""
+    return _align8(head_len) + sum(_align8(n) for n in sizes)
 
 
 def _describe(exc: BaseException, timeout_s: float) -> str:

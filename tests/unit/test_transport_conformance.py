@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 
 from gossip.errors import ConfigError, DeadlineError, TransportError
-from gossip.transport import KINDS, make_transport
+from gossip.transport import KINDS, make_transport, torchdist
 from gossip.transport.memory import MemoryHub, MemoryTransport
 from gossip.transport.torchdist import TorchDistTransport
-from gossip.transport.wire import WireLimits
+from gossip.transport.wire import WireLimits, encode
 from gossip.transport.zmq import ZmqTransport
 
 pytestmark = pytest.mark.timeout(60)
@@ -463,3 +463,95 @@ def test_gloo_peer_that_closes_is_absent_from_recv_many_and_recv_raises(tmp_path
         assert error is not None and "peer 2 closed its transport" in str(error)
     finally:
         n.close_all()
+
+
+class _RawSender:
+    """Rank 0 speaks the gloo prefix protocol by hand to a transport on rank 1."""
+
+    def __init__(self, tmp_path):
+        self.net = Net("gloo", tmp_path)
+        self.net._groups(2)
+        self.group = self.net.groups[0]
+        self.t = TorchDistTransport(
+            1, group=self.net.groups[1], timeout_s=20.0, close_timeout_s=2.0, senders=[0]
+        )
+
+    def send(self, prefix: torch.Tensor, *frames: torch.Tensor) -> None:
+        for piece in (prefix, *frames):
+            self.group.send([piece], 1, torchdist.TAG).wait()
+
+    def close(self) -> None:
+        if self.t._in[0].receiver.is_alive():  # else the goodbye would find no receive posted
+            self.send(TorchDistTransport._prefix(torchdist.KIND_BYE))
+        self.t.close()
+
+
+def _encoded(round: int, tensors: list[torch.Tensor], header: dict | None = None):
+    frames = encode({"run": "", "sender": 0, "round": round, "h": header or {}}, tensors)
+    return frames[0], frames[1:]
+
+
+def test_gloo_small_message_is_one_inline_send_and_round_trips_exactly(tmp_path, monkeypatch):
+    n = Net("gloo", tmp_path)
+    try:
+        a, b = n.make(2)
+        posted = []
+        real_post = TorchDistTransport._post
+        monkeypatch.setattr(
+            TorchDistTransport,
+            "_post",
+            lambda self, state, pieces, bye=False: (
+                posted.append(len(pieces)) or real_post(self, state, pieces, bye)
+            ),
+        )
+        sent = [
+            torch.tensor([1.5, float("nan"), -0.0], dtype=torch.float32),
+            torch.arange(5, dtype=torch.int8),  # 5 B: the next frame starts 8-aligned
+            torch.empty(0, 3, dtype=torch.float64),
+            torch.tensor([[1, -2], [3, 2**40]], dtype=torch.int64),
+            torch.tensor([1.0, -2.0], dtype=torch.bfloat16),
+        ]
+        a.send(1, 0, sent, header={"k": "v"})
+        msg = b.recv(0, 0, timeout_s=10.0)
+        assert posted == [1]  # header and frames in the prefix: a single send
+        assert msg.header == {"k": "v"} and msg.buffers == []
+        assert all(_same_bits(x, y) for x, y in zip(sent, msg.tensors, strict=True))
+        b.release(msg)
+        # Just over the inline area: prefix plus one frame send, received into a buffer.
+        big = torch.arange(torchdist.INLINE_BYTES // 8, dtype=torch.float64)
+        a.send(1, 1, [big])
+        msg = b.recv(0, 1, timeout_s=10.0)
+        assert posted == [1, 2] and torch.equal(msg.tensors[0], big) and msg.buffers
+    finally:
+        n.close_all()
+
+
+def test_gloo_inline_frame_whose_size_disagrees_with_the_header_is_rejected(tmp_path):
+    raw = _RawSender(tmp_path)
+    try:
+        head, views = _encoded(0, [torch.ones(2)])  # the header declares 8 B
+        short = [views[0][:4]]  # ... the prefix declares and carries 4 B
+        raw.send(TorchDistTransport._prefix(torchdist.KIND_INLINE, head, [4], short))
+        head, views = _encoded(1, [torch.full((3,), 7.0)])
+        raw.send(TorchDistTransport._prefix(torchdist.KIND_INLINE, head, [12], views))
+        msg = raw.t.recv(0, 1, timeout_s=10.0)  # the peer stays up; the next message is fine
+        assert torch.equal(msg.tensors[0], torch.full((3,), 7.0))
+        assert raw.t.stats.rejected == {"truncated": 1}
+        with pytest.raises(DeadlineError):
+            raw.t.recv(0, 0, timeout_s=0.05)
+    finally:
+        raw.close()
+
+
+def test_gloo_inline_message_overflowing_the_prefix_is_a_protocol_error(tmp_path):
+    raw = _RawSender(tmp_path)
+    try:
+        head, views = _encoded(0, [torch.ones(2)])
+        prefix = TorchDistTransport._prefix(torchdist.KIND_INLINE, head, [8], views)
+        prefix[4] = torchdist.INLINE_BYTES  # declared frame size past the inline area
+        raw.send(prefix)
+        with pytest.raises(TransportError, match="peer 0 failed: protocol error: inline"):
+            for _ in range(100):
+                raw.t.recv_many([0], 0, deadline_s=0.1)
+    finally:
+        raw.close()
