@@ -28,6 +28,7 @@ from gossip.algorithms.compression import make_compressor
 
 DEFAULT_SPECS = [
     "topk:0.01",
+    "topk:0.01:bf16:packed",
     "topk:0.001",
     "randk:0.01",
     "quant:8",
