@@ -329,6 +329,39 @@ def test_weighted_sum_stats_is_the_merge_plus_its_statistics(gossip_ops, out_dty
             assert_stats_close(in_mean[q], in_var[q], xm, xv)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k,sw", [(1, None), (2, 0.5), (4, 0.2), (5, None), (6, 0.3)])
+def test_weighted_sum_stats_big_mean_small_variance(gossip_ops, dtype, k, sw):
+    """Segments whose mean is 1e6 times their spread, over several pieces with odd tails, next
+    to empty and tiny ones: the shifted fp64 sums must keep mean and variance at the two-pass
+    fp64 accuracy (plain sums of squares, or fp32 ones, lose every digit of the variance)."""
+    shapes = {"big": (100_003,), "empty": (0,), "one": (1,), "odd": (17,), "mid": (16_411,)}
+    layout = ParamLayout.from_shapes(shapes)
+    off = dispatch._offsets(layout)
+    g = _gen(21)
+    spread = 1e-3 if dtype != torch.bfloat16 else 4.0  # bf16 cannot resolve 1e-3 at 1000
+
+    def model():
+        return (1000.0 + _rand(layout.numel, torch.float64, g, spread)).to(dtype)
+
+    xs = [model() for _ in range(k)]
+    w = [(1.0 - (sw or 0.0)) / k] * k
+    out = model()
+    got, want = out.clone(), out.clone()
+    mean, var, in_mean, in_var = gossip_ops.weighted_sum_stats_(got, xs, w, sw, off)
+    gossip_ops.weighted_sum_(want, xs, w, sw)
+    assert torch.equal(got, want)
+    rmean, rvar = merge.segment_stats(got, layout)
+    assert_stats_close(mean, var, rmean, rvar)
+    assert float(var[0]) > 0 and float(mean[1]) == float(var[1]) == 0.0  # empty: zeros
+    assert float(var[2]) == 0.0 and float(mean[2]) == float(got[100_003])  # one element
+    for q in range(k):
+        xm, xv = merge.segment_stats(xs[q], layout)
+        assert_stats_close(in_mean[q], in_var[q], xm, xv)
+        m1, v1 = gossip_ops.segment_stats(xs[q], off)
+        assert_stats_close(in_mean[q], in_var[q], m1, v1)
+
+
 def test_weighted_sum_stats_dispatch_and_reference_agree(gossip_ops):
     layout = _layout()
     g = _gen(14)
