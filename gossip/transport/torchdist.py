@@ -7,9 +7,22 @@ send), then the ``k`` raw tensor frames (the tensors themselves, no copy). The p
 variable-size payloads work: the receiver checks every length against its
 :class:`~gossip.transport.wire.WireLimits` before it allocates the buffers (or reuses released
 ones, see :meth:`~gossip.transport.api.Transport.release`), then
-:func:`~gossip.transport.wire.decode` validates the header (dtype allow-list, shapes,
-checksums). Gloo matches sends and receives between two ranks in order, so the stream stays in
-step as long as the prefix is valid; a peer that sends an invalid prefix is treated as failed.
+:func:`~gossip.transport.wire.decode` validates the header (dtype allow-list, shapes, frame
+sizes, checksums). Gloo matches sends and receives between two ranks in order (per tag), so the
+stream stays in step as long as the prefix is valid; a peer that sends an invalid prefix is
+treated as failed.
+
+Gloo sends are a rendezvous: the bytes move only once the receiver has posted its receive, and
+a receive for a frame can only be posted once its size is known. Two things keep the receiver
+thread out of that path. A small message (header and frames, each frame at the next multiple of
+8 bytes, within the 2 KiB) rides whole inside the prefix, for which a receive is always posted:
+one send, no second rendezvous. For a larger message, once its frames have landed the receiver
+*stages* receives of the same sizes for the next one (on tag ``TAG_STAGED``; both sides know
+the sizes, as both saw that message); if the next message's nonempty frames have exactly those
+sizes (the usual case: the same model every round), the sender sends them there and they move
+at once, while the prefix is still being read. Otherwise it first sends one byte to each staged
+receive, then the frames after the prefix as above, and the receiver stages the new sizes. The
+price is one message-sized receive buffer per in-neighbour, posted ahead of time.
 
 How deadlines work, and why not ``Work.wait(timeout)``. In gloo, a ``wait(timeout)`` that
 expires *closes the pair* ("Application timeout caused pair closure"), and ``is_completed()``
@@ -61,9 +74,11 @@ from .wire import DEFAULT_LIMITS, WireLimits, decode, encode
 
 #: First int64 of every prefix ("GOSSIP01" in ASCII).
 MAGIC = int.from_bytes(b"GOSSIP01", "little", signed=True)
-#: Prefix kinds. ``KIND_INLINE`` is a whole message (header and frames) inside the prefix.
-KIND_MESSAGE, KIND_PING, KIND_BYE, KIND_INLINE = 0, 1, 2, 3
-_KINDS = (KIND_MESSAGE, KIND_PING, KIND_BYE, KIND_INLINE)
+#: Prefix kinds. ``KIND_INLINE`` is a whole message (header and frames) inside the prefix;
+#: ``KIND_STAGED`` a message whose frames went to the receiver's staged receives on
+#: ``TAG_STAGED`` (``KIND_MESSAGE`` frames follow the prefix on ``TAG``).
+KIND_MESSAGE, KIND_PING, KIND_BYE, KIND_INLINE, KIND_STAGED = 0, 1, 2, 3, 4
+_KINDS = (KIND_MESSAGE, KIND_PING, KIND_BYE, KIND_INLINE, KIND_STAGED)
 #: Most frames one message may carry over this transport (fixed prefix size: 4 + 64 int64).
 PREFIX_FRAMES = 64
 PREFIX_LEN = 4 + PREFIX_FRAMES
@@ -74,6 +89,8 @@ INLINE_BYTES = 2048
 _INLINE_AT = PREFIX_LEN * 8
 _PREFIX_WORDS = PREFIX_LEN + INLINE_BYTES // 8
 TAG = 0
+#: Tag of frames sent into the receiver's *staged* receives (see the module docstring).
+TAG_STAGED = 1
 #: Released receive buffers kept per size (see :meth:`Transport.release`).
 POOL_PER_SIZE = 4
 
@@ -124,6 +141,12 @@ class _Peer:
         self.bye_sent = False
         self.sender: threading.Thread | None = None
         self.receiver: threading.Thread | None = None
+        # Sizes of the nonempty frames of the last multi-send message: the receiver keeps
+        # receives of exactly these sizes posted on TAG_STAGED (sender: under post_lock;
+        # receiver: its thread only, with the buffers and works of those receives).
+        self.staged: list[int] = []
+        self.staged_bufs: list[torch.Tensor] = []
+        self.staged_works: list = []
 
 
 class TorchDistTransport(Transport):
@@ -278,16 +301,32 @@ class TorchDistTransport(Transport):
         sizes = [v.nbytes for v in views]
         if _inline_end(len(head), sizes) <= INLINE_BYTES:
             # Small message: one send, and the receiver needs no second rendezvous.
-            pieces = [self._prefix(KIND_INLINE, head, sizes, views)]
+            pieces = [(self._prefix(KIND_INLINE, head, sizes, views), TAG)]
+            works = self._post(state, pieces)
         else:
-            pieces = [self._prefix(KIND_MESSAGE, head, sizes)]
-            if len(head) > INLINE_BYTES:
-                pieces.append(torch.frombuffer(bytearray(head), dtype=torch.uint8))
             # The bytes encode viewed: the tensors' own memory on CPU (no copy); for a GPU
             # tensor, the one host copy encode made.
-            pieces += [torch.frombuffer(v, dtype=torch.uint8) for v in views if v.nbytes]
+            data = [torch.frombuffer(v, dtype=torch.uint8) for v in views if v.nbytes]
+            nonempty = [n for n in sizes if n]
+            big_head = len(head) > INLINE_BYTES
+            head_piece = [(torch.frombuffer(bytearray(head), dtype=torch.uint8), TAG)]
+
+            def pieces_fn():  # under post_lock: the staged sizes change in send order
+                if nonempty == state.staged:  # the receiver has receives of these sizes up
+                    pieces = [(self._prefix(KIND_STAGED, head, sizes), TAG)]
+                    pieces += head_piece if big_head else []
+                    return pieces + [(d, TAG_STAGED) for d in data]
+                # Fill the receiver's staged receives with one byte each, then send the
+                # frames after the prefix; it stages receives of the new sizes.
+                pieces = [(_ONE_BYTE, TAG_STAGED) for _ in state.staged]
+                pieces += [(self._prefix(KIND_MESSAGE, head, sizes), TAG)]
+                pieces += head_piece if big_head else []
+                state.staged = nonempty
+                return pieces + [(d, TAG) for d in data]
+
+            works = self._post(state, pieces_fn)
+            pieces = data
         # Posted here, in the caller's thread (no hand-off latency); the sender thread waits.
-        works = self._post(state, pieces)
         if works is None:
             with self._lock:
                 state.queued -= 1
@@ -296,13 +335,17 @@ class TorchDistTransport(Transport):
         state.outbox.put((works, pieces))
         return len(head) + sum(sizes)
 
-    def _post(self, state: _Peer, pieces: list[torch.Tensor], bye: bool = False):
-        """Post ``pieces`` to the peer in order; None if it failed or we said goodbye."""
+    def _post(self, state: _Peer, pieces, bye: bool = False):
+        """Post ``pieces`` (``(tensor, tag)`` pairs, or a function of no arguments returning
+        them, called under the peer's post lock) in order; None if it failed or we said
+        goodbye."""
         with state.post_lock:
             if state.bye_sent or state.error is not None:
                 return None
+            if callable(pieces):
+                pieces = pieces()
             try:
-                works = [self.group.send([t], state.rank, TAG) for t in pieces]
+                works = [self.group.send([t], state.rank, tag) for t, tag in pieces]
             except RuntimeError as exc:
                 state.error = _describe(exc, self.timeout_s)
                 return None
@@ -335,10 +378,10 @@ class TorchDistTransport(Transport):
             try:
                 entry = state.outbox.get(timeout=idle_s)
             except queue.Empty:
-                ping = [self._prefix(KIND_PING)]
+                ping = [(self._prefix(KIND_PING), TAG)]
                 entry = (self._post(state, ping), ping, False)
             if entry is None:
-                bye = [self._prefix(KIND_BYE)]
+                bye = [(self._prefix(KIND_BYE), TAG)]
                 works, is_message = self._post(state, bye, bye=True), False
             else:
                 works, is_message = entry[0], len(entry) == 2
@@ -389,19 +432,44 @@ class TorchDistTransport(Transport):
                     for n in sizes:
                         frames.append(raw[at : at + n])
                         at += _align8(n)
+                    self._inbox.put(("msg", src, head, frames, bufs))
+                    prefix, posted = self._post_prefix(src)
+                    continue
+                if head_len <= INLINE_BYTES:
+                    head = raw[_INLINE_AT : _INLINE_AT + head_len]
                 else:
-                    if head_len <= INLINE_BYTES:
-                        head = raw[_INLINE_AT : _INLINE_AT + head_len]
-                    else:
-                        head = torch.empty(head_len, dtype=torch.uint8)
-                        works.append(self.group.recv([head], src, TAG))
-                    frames = bufs = [self._buffer(n) for n in sizes]
-                    works += [self.group.recv([b], src, TAG) for b in bufs if b.numel() > 0]
+                    head = torch.empty(head_len, dtype=torch.uint8)
+                    works.append(self.group.recv([head], src, TAG))
+                nonempty = [n for n in sizes if n]
+                if kind == KIND_STAGED:
+                    if nonempty != state.staged:
+                        raise _ProtocolError(
+                            f"staged frames of {nonempty[:4]} B, receives of {state.staged[:4]} B"
+                        )
+                    staged = iter(state.staged_bufs)
+                    frames = [next(staged) if n else self._buffer(0) for n in sizes]
+                    bufs = state.staged_bufs
+                    works += state.staged_works
+                else:
+                    # The staged receives get one byte each; the frames follow the prefix.
+                    for b, w in zip(state.staged_bufs, state.staged_works, strict=True):
+                        w.wait(self._timeout)
+                        bufs.append(b)  # recycled with this message's buffers
+                    frames = [self._buffer(n) for n in sizes]
+                    works += [self.group.recv([b], src, TAG) for b in frames if b.numel() > 0]
+                    bufs = [*frames, *bufs]
+                state.staged = nonempty
                 # The next prefix's receive is posted before this message's frames land, so a
                 # message right behind this one is not held up by the hand-off below.
                 prefix, posted = self._post_prefix(src)
                 for w in works:
                     w.wait(self._timeout)
+                # Stage receives for the next message of these sizes: its frames then move as
+                # soon as they are sent, without waiting for this thread to read its prefix.
+                state.staged_bufs = [self._buffer(n) for n in nonempty]
+                state.staged_works = [
+                    self.group.recv([b], src, TAG_STAGED) for b in state.staged_bufs
+                ]
                 self._inbox.put(("msg", src, head, frames, bufs))
         except _ProtocolError as exc:
             self._inbox.put(("error", src, f"protocol error: {exc}"))
@@ -516,6 +584,9 @@ class TorchDistTransport(Transport):
 
 class _ProtocolError(Exception):
     pass
+
+
+_ONE_BYTE = torch.zeros(1, dtype=torch.uint8)
 
 
 def _align8(n: int) -> int:

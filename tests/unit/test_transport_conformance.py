@@ -202,8 +202,13 @@ def test_release_empties_the_message_and_the_next_one_is_intact(net):
     a.send(1, 1, [torch.full((1000,), 2.0)])
     second = b.recv(0, 1, timeout_s=10.0)
     assert torch.equal(second.tensors[0], torch.full((1000,), 2.0))
-    if net.kind == "gloo":  # receives into its own buffers: a released one is reused
-        assert second.tensors[0].data_ptr() == ptr
+    if net.kind == "gloo":  # receives into its own buffers: a released one is reused (the
+        # receive for the second was staged before the first came back: by the third)
+        b.release(second)
+        a.send(1, 2, [torch.full((1000,), 3.0)])
+        third = b.recv(0, 2, timeout_s=10.0)
+        assert torch.equal(third.tensors[0], torch.full((1000,), 3.0))
+        assert third.tensors[0].data_ptr() == ptr
 
 
 def test_out_of_order_rounds_are_buffered(net):
@@ -497,13 +502,13 @@ def test_gloo_small_message_is_one_inline_send_and_round_trips_exactly(tmp_path,
         a, b = n.make(2)
         posted = []
         real_post = TorchDistTransport._post
-        monkeypatch.setattr(
-            TorchDistTransport,
-            "_post",
-            lambda self, state, pieces, bye=False: (
-                posted.append(len(pieces)) or real_post(self, state, pieces, bye)
-            ),
-        )
+
+        def post(self, state, pieces, bye=False):
+            works = real_post(self, state, pieces, bye)
+            posted.append(len(works))
+            return works
+
+        monkeypatch.setattr(TorchDistTransport, "_post", post)
         sent = [
             torch.tensor([1.5, float("nan"), -0.0], dtype=torch.float32),
             torch.arange(5, dtype=torch.int8),  # 5 B: the next frame starts 8-aligned
@@ -551,6 +556,52 @@ def test_gloo_inline_message_overflowing_the_prefix_is_a_protocol_error(tmp_path
         prefix[4] = torchdist.INLINE_BYTES  # declared frame size past the inline area
         raw.send(prefix)
         with pytest.raises(TransportError, match="peer 0 failed: protocol error: inline"):
+            for _ in range(100):
+                raw.t.recv_many([0], 0, deadline_s=0.1)
+    finally:
+        raw.close()
+
+
+def test_gloo_staged_receives_follow_size_changes_and_inline_messages(tmp_path, monkeypatch):
+    n = Net("gloo", tmp_path)
+    try:
+        a, b = n.make(2)
+        kinds = []
+        real_prefix = TorchDistTransport._prefix
+        monkeypatch.setattr(
+            TorchDistTransport,
+            "_prefix",
+            staticmethod(lambda kind, *args: kinds.append(kind) or real_prefix(kind, *args)),
+        )
+        K = torchdist
+        plan = [  # (frame sizes in float64 elements, kind the sender picks)
+            ([600, 0, 300], K.KIND_MESSAGE),  # nothing staged yet
+            ([600, 0, 300], K.KIND_STAGED),  # same nonempty sizes: into the staged receives
+            ([3], K.KIND_INLINE),  # small: inside the prefix, staging untouched
+            ([600, 300], K.KIND_STAGED),
+            ([700, 300], K.KIND_MESSAGE),  # new sizes: staged receives get a byte each
+            ([700, 300], K.KIND_STAGED),
+        ]
+        for r, (sizes, kind) in enumerate(plan):
+            sent = [torch.arange(k, dtype=torch.float64) + r for k in sizes]
+            a.send(1, r, sent, header={"r": r})
+            msg = b.recv(0, r, timeout_s=10.0)
+            assert kinds[-1] == kind, (r, kinds)
+            assert msg.header == {"r": r}
+            assert all(_same_bits(x, y) for x, y in zip(sent, msg.tensors, strict=True))
+            if r % 2:
+                b.release(msg)
+        assert b.stats.rejected == {}
+    finally:
+        n.close_all()
+
+
+def test_gloo_staged_prefix_without_matching_staged_receives_is_a_protocol_error(tmp_path):
+    raw = _RawSender(tmp_path)
+    try:
+        head, _ = _encoded(0, [torch.ones(1000)])
+        raw.send(TorchDistTransport._prefix(torchdist.KIND_STAGED, head, [4000]))
+        with pytest.raises(TransportError, match="peer 0 failed: protocol error: staged"):
             for _ in range(100):
                 raw.t.recv_many([0], 0, deadline_s=0.1)
     finally:
