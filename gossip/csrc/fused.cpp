@@ -21,47 +21,92 @@ namespace gossip {
 namespace cpu {
 namespace {
 
-// Any dtypes and k (the generic path). Per chunk of a piece: merge it over an L1-resident
-// accumulator, then add every stream's chunk, read back from L1, to its sums (held in registers
-// for the chunk by MomentLanes::add_blocks). A chunk holds whole blocks of lanes, so the lanes see
-// a piece's blocks exactly as segment_stats does and the statistics are the same bit for bit.
-constexpr int64_t kChunk = 1024;
-static_assert(kChunk % kLanes == 0, "chunks must hold whole blocks of lanes");
-
-// out[0, m) <- [sw * out] + sum_q w[q] x[q] (each x[q] already offset to the chunk), with the
-// arithmetic of weighted_sum_ (elementwise.cpp) so that the result is the same bit for bit.
+// The generic path (any dtypes, any k): per block of kLanes elements, merge the block and add
+// every stream's block to its sums, kept in memory since k is not known at compile time. On 2
+// cores it costs about the merge alone for k > 8 (whose merge is slow) but several passes more for
+// bf16 with k <= 8; merging chunks of 1024 and then summing each stream's chunk from L1 (sums in
+// registers) was slower still for k >= 5, as nothing then overlaps the fp64 work with the loads.
 template <typename To, typename Ti>
-inline void merge_chunk(To* __restrict o, const Ti* const* x, const double* wd, int64_t k,
-                        bool self, double sw, int64_t m) {
+void wsum_stats_interleaved(To* out, const Ti* const* xs, const double* w, int64_t k,
+                            bool self, double sw, const std::vector<SegmentPiece>& pieces,
+                            Moments* pm_out, Moments* pm_in, int64_t nthreads_work) {
   using A = acc_t<To, Ti>;
-  A acc[kChunk];
-  int64_t q0 = 0;
-  if (self) {
-    const A a = static_cast<A>(sw);
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  const int nt = threads_for(nthreads_work);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<MomentLanes> in_lanes(k);
+    std::vector<double> in_shift(k);
+    std::vector<A> wk(k);
+    for (int64_t q = 0; q < k; ++q) wk[q] = static_cast<A>(w[q]);
+    const A a_sw = static_cast<A>(sw);
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < np; ++j) {
+      const int64_t start = pieces[j].start, m = pieces[j].end - start;
+      MomentLanes out_lanes;
+      for (int64_t q = 0; q < k; ++q) {
+        in_lanes[q] = MomentLanes{};
+        in_shift[q] = ld<double>(xs[q][start]);
+      }
+      double out_shift = 0;
+      for (int64_t i0 = 0; i0 < m; i0 += kLanes) {
+        const int64_t len = std::min<int64_t>(kLanes, m - i0);
+        To* __restrict o = out + start + i0;
+        A acc[kLanes];
+        if (len == kLanes && self) {
 #pragma omp simd
-    for (int64_t i = 0; i < m; ++i) acc[i] = a * ld<A>(o[i]);
-  } else {
-    const A a = static_cast<A>(wd[0]);
-    const Ti* __restrict xq = x[0];
+          for (int i = 0; i < kLanes; ++i) acc[i] = a_sw * ld<A>(o[i]);
+        } else if (len == kLanes) {
+          const Ti* __restrict x = xs[0] + start + i0;
+          const A a = wk[0];
 #pragma omp simd
-    for (int64_t i = 0; i < m; ++i) acc[i] = a * ld<A>(xq[i]);
-    q0 = 1;
+          for (int i = 0; i < kLanes; ++i) acc[i] = a * ld<A>(x[i]);
+        } else if (self) {
+          for (int64_t i = 0; i < len; ++i) acc[i] = a_sw * ld<A>(o[i]);
+        } else {
+          const Ti* x = xs[0] + start + i0;
+          for (int64_t i = 0; i < len; ++i) acc[i] = wk[0] * ld<A>(x[i]);
+        }
+        for (int64_t q = 0; q < k; ++q) {
+          const Ti* __restrict x = xs[q] + start + i0;
+          const A a = wk[q];
+          if (len == kLanes) {
+            in_lanes[q].add_block(x, in_shift[q]);
+            if (self || q > 0) {
+#pragma omp simd
+              for (int i = 0; i < kLanes; ++i) acc[i] += a * ld<A>(x[i]);
+            }
+          } else {
+            in_lanes[q].add_tail(x, len, in_shift[q]);
+            if (self || q > 0) {
+              for (int64_t i = 0; i < len; ++i) acc[i] += a * ld<A>(x[i]);
+            }
+          }
+        }
+        if (len == kLanes) {
+#pragma omp simd
+          for (int i = 0; i < kLanes; ++i) o[i] = st<To>(acc[i]);
+        } else {
+          for (int64_t i = 0; i < len; ++i) o[i] = st<To>(acc[i]);
+        }
+        if (i0 == 0) out_shift = ld<double>(o[0]);
+        if (len == kLanes) {
+          out_lanes.add_block(o, out_shift);
+        } else {
+          out_lanes.add_tail(o, len, out_shift);
+        }
+      }
+      pm_out[j] = out_lanes.finish(m, out_shift);
+      for (int64_t q = 0; q < k; ++q) pm_in[q * np + j] = in_lanes[q].finish(m, in_shift[q]);
+    }
   }
-  for (int64_t q = q0; q < k; ++q) {
-    const A a = static_cast<A>(wd[q]);
-    const Ti* __restrict xq = x[q];
-#pragma omp simd
-    for (int64_t i = 0; i < m; ++i) acc[i] += a * ld<A>(xq[i]);
-  }
-#pragma omp simd
-  for (int64_t i = 0; i < m; ++i) o[i] = st<To>(acc[i]);
 }
 
 #if defined(__GNUC__)
-// fp32 buffers and k <= 4 inputs (the common case): one loop over blocks of 16 elements merges
+// fp32 buffers and k <= 8 inputs (the common case): one loop over blocks of 16 elements merges
 // the block and adds it to the statistics of every stream while it is in registers. GCC vector
 // types (AVX-512 intrinsics where available: GCC 12 splits __builtin_convertvector into halves)
-// pin the sums, 16 fp64 lanes = 4 vectors per stream, to registers; the fp64 work then hides
+// pin the sums (16 fp64 lanes = 4 vectors per stream) to registers; the fp64 work then hides
 // under the merge's memory traffic. Arrays of lanes in a per-thread std::vector (the previous
 // form of this kernel) stay in memory, with a load and a store per sum and block: on 2 cores that
 // made the fused op cost more than the merge plus separate segment_stats passes.
@@ -81,6 +126,10 @@ inline v8f load8(const float* p) {
   return v;
 }
 
+// kNarrow (k > 4): 8 lanes, 2 vectors per stream, so that the sums of 9 streams still fit in
+// the 32 vector registers of AVX-512 (each sum then takes two adds per block; with that many
+// streams there are chains enough to hide the add latency).
+template <bool kNarrow>
 struct VecLanes {
   v8d s1a = {}, s1b = {}, s2a = {}, s2b = {};
   double t1 = 0, t2 = 0;  // the tail (< 16 elements)
@@ -93,16 +142,26 @@ struct VecLanes {
     const __m512d da = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p)), sh);
     const __m512d db = _mm512_sub_pd(_mm512_cvtps_pd(_mm256_loadu_ps(p + 8)), sh);
     s1a = (v8d)_mm512_add_pd((__m512d)s1a, da);
-    s1b = (v8d)_mm512_add_pd((__m512d)s1b, db);
     s2a = (v8d)_mm512_fmadd_pd(da, da, (__m512d)s2a);
-    s2b = (v8d)_mm512_fmadd_pd(db, db, (__m512d)s2b);
+    if constexpr (kNarrow) {
+      s1a = (v8d)_mm512_add_pd((__m512d)s1a, db);
+      s2a = (v8d)_mm512_fmadd_pd(db, db, (__m512d)s2a);
+    } else {
+      s1b = (v8d)_mm512_add_pd((__m512d)s1b, db);
+      s2b = (v8d)_mm512_fmadd_pd(db, db, (__m512d)s2b);
+    }
 #else
     const v8d da = __builtin_convertvector(load8(p), v8d) - shift;
     const v8d db = __builtin_convertvector(load8(p + 8), v8d) - shift;
     s1a += da;
-    s1b += db;
     s2a += da * da;
-    s2b += db * db;
+    if constexpr (kNarrow) {
+      s1a += db;
+      s2a += db * db;
+    } else {
+      s1b += db;
+      s2b += db * db;
+    }
 #endif
   }
 
@@ -142,7 +201,7 @@ void wsum_stats_f32(float* out, const float* const* xs, const double* w, double 
       const int64_t start = pieces[j].start, m = pieces[j].end - start;
       const float* __restrict x[K];
       double shift[K];
-      VecLanes in[K], res;
+      VecLanes<(K > 4)> in[K], res;
       for (int q = 0; q < K; ++q) {
         x[q] = xs[q] + start;
         shift[q] = static_cast<double>(x[q][0]);
@@ -161,10 +220,10 @@ void wsum_stats_f32(float* out, const float* const* xs, const double* w, double 
         } else {
           acc = wk[0] * load16(x[0] + i);
         }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int q = kSelf ? 0 : 1; q < K; ++q) acc += wk[q] * load16(x[q] + i);
         std::memcpy(o + i, &acc, sizeof acc);
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         for (int q = 0; q < K; ++q) in[q].add16(x[q] + i, shift[q]);
         res.add16(o + i, oshift);
       }
@@ -193,52 +252,14 @@ bool wsum_stats_f32_k(float* out, const float* const* xs, const double* w, int64
     case 2: wsum_stats_f32<2, kSelf>(out, xs, w, sw, pieces, pm_out, pm_in, work); return true;
     case 3: wsum_stats_f32<3, kSelf>(out, xs, w, sw, pieces, pm_out, pm_in, work); return true;
     case 4: wsum_stats_f32<4, kSelf>(out, xs, w, sw, pieces, pm_out, pm_in, work); return true;
+    case 5: wsum_stats_f32<5, kSelf>(out, xs, w, sw, pieces, pm_out, pm_in, work); return true;
+    case 6: wsum_stats_f32<6, kSelf>(out, xs, w, sw, pieces, pm_out, pm_in, work); return true;
+    case 7: wsum_stats_f32<7, kSelf>(out, xs, w, sw, pieces, pm_out, pm_in, work); return true;
+    case 8: wsum_stats_f32<8, kSelf>(out, xs, w, sw, pieces, pm_out, pm_in, work); return true;
     default: return false;
   }
 }
 #endif
-
-template <typename To, typename Ti>
-void wsum_stats_pieces(To* out, const Ti* const* xs, const double* w, int64_t k, bool self,
-                       double sw, const std::vector<SegmentPiece>& pieces, Moments* pm_out,
-                       Moments* pm_in, int64_t nthreads_work) {
-  const int64_t np = static_cast<int64_t>(pieces.size());
-  const int nt = threads_for(nthreads_work);
-  // Per-thread state, allocated once per thread (not per piece); the hot loops only touch it
-  // between chunks, their sums live in registers (MomentLanes::add_blocks).
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    std::vector<MomentLanes> in_lanes(k);
-    std::vector<double> in_shift(k);
-    std::vector<const Ti*> xc(k);
-#pragma omp for schedule(static)
-    for (int64_t j = 0; j < np; ++j) {
-      const int64_t start = pieces[j].start, m = pieces[j].end - start;
-      MomentLanes out_lanes;
-      for (int64_t q = 0; q < k; ++q) {
-        in_lanes[q] = MomentLanes{};
-        in_shift[q] = ld<double>(xs[q][start]);
-      }
-      double out_shift = 0;
-      for (int64_t c0 = 0; c0 < m; c0 += kChunk) {
-        const int64_t len = std::min(kChunk, m - c0);
-        const int64_t nb = len / kLanes, tail = len - nb * kLanes;
-        To* o = out + start + c0;
-        for (int64_t q = 0; q < k; ++q) xc[q] = xs[q] + start + c0;
-        merge_chunk<To, Ti>(o, xc.data(), w, k, self, sw, len);
-        if (c0 == 0) out_shift = ld<double>(o[0]);
-        for (int64_t q = 0; q < k; ++q) {
-          in_lanes[q].add_blocks(xc[q], nb, in_shift[q]);
-          if (tail) in_lanes[q].add_tail(xc[q] + nb * kLanes, tail, in_shift[q]);
-        }
-        out_lanes.add_blocks(o, nb, out_shift);
-        if (tail) out_lanes.add_tail(o + nb * kLanes, tail, out_shift);
-      }
-      pm_out[j] = out_lanes.finish(m, out_shift);
-      for (int64_t q = 0; q < k; ++q) pm_in[q * np + j] = in_lanes[q].finish(m, in_shift[q]);
-    }
-  }
-}
 
 }  // namespace
 
@@ -293,10 +314,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> weighted_sum_stats_(
       if (done) return;
     }
 #endif
-    wsum_stats_pieces<To, Ti>(out.data_ptr<To>(), reinterpret_cast<const Ti* const*>(ptrs.data()),
-                              weights.data(), k, self_weight.has_value(),
-                              self_weight.value_or(0.0), pieces, pm_out.data(), pm_in.data(),
-                              out.numel() * (k + 1));
+    wsum_stats_interleaved<To, Ti>(out.data_ptr<To>(),
+                                   reinterpret_cast<const Ti* const*>(ptrs.data()),
+                                   weights.data(), k, self_weight.has_value(),
+                                   self_weight.value_or(0.0), pieces, pm_out.data(), pm_in.data(),
+                                   out.numel() * (k + 1));
   });
   merge_pieces(pm_out.data(), first, mean.data_ptr<double>(), var.data_ptr<double>());
   const int64_t nout = static_cast<int64_t>(first.size()) - 1;

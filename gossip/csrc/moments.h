@@ -39,35 +39,6 @@ struct MomentLanes {
     }
   }
 
-  // add_block over nblocks consecutive blocks, with the sums held in locals (registers) for the
-  // whole run instead of being reloaded from and stored to the members on every block: the same
-  // operations in the same order per lane, so the result is bit-identical to nblocks add_block.
-  template <typename T>
-  void add_blocks(const T* __restrict p, int64_t nblocks, double shift) {
-    double s1[kLanes], s2[kLanes];
-    for (int j = 0; j < kLanes; ++j) {
-      s1[j] = a1[j];
-      s2[j] = a2[j];
-    }
-    for (int64_t b = 0; b < nblocks; ++b) {
-      const T* __restrict q = p + b * kLanes;
-#pragma omp simd
-      for (int j = 0; j < kLanes; ++j) {
-        const double d = ld<double>(q[j]) - shift;
-        s1[j] += d;
-#ifdef __FMA__
-        s2[j] = std::fma(d, d, s2[j]);
-#else
-        s2[j] += d * d;
-#endif
-      }
-    }
-    for (int j = 0; j < kLanes; ++j) {
-      a1[j] = s1[j];
-      a2[j] = s2[j];
-    }
-  }
-
   template <typename T>
   void add_tail(const T* p, int64_t m, double shift) {
     for (int64_t j = 0; j < m; ++j) {
