@@ -107,9 +107,12 @@ void wsum_stats_interleaved(To* out, const Ti* const* xs, const double* w, int64
 // the block and adds it to the statistics of every stream while it is in registers. GCC vector
 // types (AVX-512 intrinsics where available: GCC 12 splits __builtin_convertvector into halves)
 // pin the sums (16 fp64 lanes = 4 vectors per stream) to registers; the fp64 work then hides
-// under the merge's memory traffic. Arrays of lanes in a per-thread std::vector (the previous
-// form of this kernel) stay in memory, with a load and a store per sum and block: on 2 cores that
-// made the fused op cost more than the merge plus separate segment_stats passes.
+// under the merge's memory traffic. The generic path's lanes (in a per-thread std::vector) stay
+// in memory, with a load and a store per sum and block: on 2 cores that made the fused op cost
+// more than the merge plus separate segment_stats passes. (Without AVX-512 these 64-byte vectors
+// are lowered to narrower ones; the helpers are internal and inlined, so -Wpsabi is moot.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 typedef float v16f __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef double v8d __attribute__((vector_size(64)));
@@ -259,6 +262,7 @@ bool wsum_stats_f32_k(float* out, const float* const* xs, const double* w, int64
     default: return false;
   }
 }
+#pragma GCC diagnostic pop
 #endif
 
 }  // namespace
