@@ -464,13 +464,14 @@ class TorchDistTransport(Transport):
                 prefix, posted = self._post_prefix(src)
                 for w in works:
                     w.wait(self._timeout)
+                self._inbox.put(("msg", src, head, frames, bufs))
                 # Stage receives for the next message of these sizes: its frames then move as
                 # soon as they are sent, without waiting for this thread to read its prefix.
+                # (After the hand-off: a caller quick to release this message lends its buffers.)
                 state.staged_bufs = [self._buffer(n) for n in nonempty]
                 state.staged_works = [
                     self.group.recv([b], src, TAG_STAGED) for b in state.staged_bufs
                 ]
-                self._inbox.put(("msg", src, head, frames, bufs))
         except _ProtocolError as exc:
             self._inbox.put(("error", src, f"protocol error: {exc}"))
         except RuntimeError as exc:
