@@ -7,11 +7,11 @@ message; a scripted neighbour sends what the test says); no assertion depends on
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import pytest
 import torch
+from node_threads import in_threads
 
 from gossip.algorithms.compression import make_compressor
 from gossip.errors import ConfigError
@@ -58,21 +58,12 @@ def make_nodes(n, compress, feedback, *, shared=False, deadline=5.0, hub=None, *
 
 def run_rounds(nodes, rounds):
     reports = {n.rank: [] for n in nodes}
-    errors = []
 
     def body(node):
-        try:
-            for _ in range(rounds):
-                reports[node.rank].append(node.gossip())
-        except BaseException as e:  # surfaced below
-            errors.append(e)
+        for _ in range(rounds):
+            reports[node.rank].append(node.gossip())
 
-    threads = [threading.Thread(target=body, args=(node,)) for node in nodes]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(50)
-    assert not errors, errors
+    in_threads(body, nodes)
     return reports
 
 

@@ -6,10 +6,9 @@ stepping while the others go on, so no assertion depends on timing.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
+from node_threads import in_threads
 
 from gossip.runtime.node import Node
 from gossip.runtime.rounds import REJOIN_STREAK
@@ -46,21 +45,12 @@ def make_nodes(n, averaging="dpsgd", deadline=0.5, **kw):
 def run_until(nodes, end, which):
     """Step each node in ``which`` (in threads) until its round reaches ``end``."""
     reports = {i: [] for i in which}
-    errors = []
 
     def body(i):
-        try:
-            while nodes[i].round < end:
-                reports[i].append(nodes[i].step())
-        except BaseException as e:  # surfaced below
-            errors.append(e)
+        while nodes[i].round < end:
+            reports[i].append(nodes[i].step())
 
-    threads = [threading.Thread(target=body, args=(i,)) for i in which]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(50)
-    assert not errors, errors
+    in_threads(body, which)
     return reports
 
 

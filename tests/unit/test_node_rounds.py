@@ -6,12 +6,11 @@ that simply stops stepping; no assertion depends on timing.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from node_threads import in_threads
 
 from gossip.algorithms import variance_corrected_average
 from gossip.errors import ConfigError
@@ -52,23 +51,14 @@ def make_nodes(n, spec="ring", averaging="dpsgd", mode="sync", deadline=5.0, **k
 def run_threads(nodes, steps, which=None):
     """Call ``node.step()`` ``steps`` times on each node in ``which`` (default all), in threads."""
     reports = {i: [] for i in range(len(nodes))}
-    errors = []
 
     def body(i):
-        try:
-            for _ in range(steps):
-                r = nodes[i].step()
-                if r is not None:
-                    reports[i].append(r)
-        except BaseException as e:  # surfaced below
-            errors.append(e)
+        for _ in range(steps):
+            r = nodes[i].step()
+            if r is not None:
+                reports[i].append(r)
 
-    threads = [threading.Thread(target=body, args=(i,)) for i in (which or range(len(nodes)))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(50)
-    assert not errors, errors
+    in_threads(body, which or range(len(nodes)))
     return reports
 
 
