@@ -47,17 +47,16 @@ class Feedback:
     lmbd: float = 1.0
 
 
-def parse_feedback(spec: str) -> Feedback:
-    """``"choco:0.5"`` -> ``Feedback("choco", gamma=0.5)``; errors list the valid forms."""
+def parse_feedback(spec: str, valid: str = FEEDBACK_FORMS) -> Feedback:
+    """``"choco:0.5"`` -> ``Feedback("choco", gamma=0.5)``; errors list ``valid``, the forms the
+    caller accepts (node processes accept fewer than the simulator)."""
     if not isinstance(spec, str):
-        raise ConfigError(f"feedback={spec!r} must be a string; use {FEEDBACK_FORMS}")
+        raise ConfigError(f"feedback={spec!r} must be a string; use {valid}")
     name, _, args = spec.strip().partition(":")
     try:
         nums = [float(a) for a in args.split(",")] if args else []
     except ValueError:
-        raise ConfigError(
-            f"feedback={spec!r}: parameters must be numbers; use {FEEDBACK_FORMS}"
-        ) from None
+        raise ConfigError(f"feedback={spec!r}: parameters must be numbers; use {valid}") from None
     arity = {
         "none": 0,
         "ef14": 0,
@@ -68,9 +67,9 @@ def parse_feedback(spec: str) -> Feedback:
         "motef": 2,
     }
     if name not in arity or len(nums) != arity[name]:
-        raise ConfigError(f"feedback={spec!r} is not valid; use {FEEDBACK_FORMS}")
+        raise ConfigError(f"feedback={spec!r} is not valid; use {valid}")
     if not all(math.isfinite(v) for v in nums):
-        raise ConfigError(f"feedback={spec!r}: parameters must be finite; use {FEEDBACK_FORMS}")
+        raise ConfigError(f"feedback={spec!r}: parameters must be finite; use {valid}")
     if name in ("choco", "choco-econtrol", "motef") and not nums[0] > 0:
         raise ConfigError(f"feedback={spec!r}: the consensus step GAMMA must be > 0")
     if name in ("econtrol", "choco-econtrol") and not nums[-1] >= 0:

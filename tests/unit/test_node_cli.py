@@ -54,7 +54,7 @@ def test_a_bare_resume_means_yes_and_needs_a_directory():
         (["--resume", "maybe", "--checkpoint-dir", "c"], "resume='maybe'; valid: no, auto, yes"),
         (["--compress", "topk:0.01", "--mode", "async"], "mode='async' with compress='topk"),
         (["--compress", "topk:0.01", "--feedback", "motef:0.1,0.9"], "simulator only"),
-        (["--feedback", "choco"], "feedback='choco' is not valid; use one of: none, choco:GAMMA"),
+        (["--feedback", "choco"], "feedback='choco' is not valid; use none, choco:GAMMA"),
         (["--compress", "top:3"], "compressor spec 'top:3'"),
         (["--compress", "sign", "--averaging", "push_sum"], "averaging='push_sum' with compress"),
     ],
